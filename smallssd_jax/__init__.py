@@ -1,0 +1,37 @@
+"""smallssd_jax: single-shot detectors for small objects in JAX/Flax.
+
+The public surface (SPEC section 8) is re-exported here; everything else may
+move between releases. Submodules load on first use, so `import smallssd_jax`
+stays cheap and applies the CPU XLA defaults before any JAX backend starts.
+"""
+
+import importlib
+
+from smallssd_jax import _xla
+
+_xla.apply_cpu_defaults()
+
+__version__ = '0.1.0'
+
+_PUBLIC = {
+    'iou': 'smallssd_jax.boxes',
+    'encode_boxes': 'smallssd_jax.boxes',
+    'decode_boxes': 'smallssd_jax.boxes',
+    'batched_nms': 'smallssd_jax.postprocess',
+    'evaluate': 'smallssd_jax.metrics',
+    'load_torchvision_ssd300': 'smallssd_jax.weights',
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+  if name in _PUBLIC:
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)
