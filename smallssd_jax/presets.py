@@ -90,10 +90,13 @@ def ssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
       width=1.0,
       dtype='float32',
       l2norm_scales={'conv4_3': 20.0},
+      # BatchNorm in the neck's layers; the VGG16 backbone and the SSD extra
+      # layers never have any (the pretrained weights they start from have none).
       batch_norm=False,
   ))
   anchors = ConfigDict(dict(
       style='ssd',
+      input_size=input_size,
       feature_maps=[fm[s] for s in sources],
       steps=[st * scale for st in steps],
       min_sizes=[m * scale for m in min_sizes],
@@ -123,6 +126,7 @@ def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
       name='dfssd',
       neck='dfssd',
       sources=sources,
+      batch_norm=True,                # BN after each fusion projection (SPEC 4: 1x1 conv + BN)
       dfssd=ConfigDict(dict(
           deconv_channels=256,
           deconv_stride=deconv['stride'],
@@ -139,6 +143,7 @@ def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
   ))
   anchors = ConfigDict(dict(
       style='dfssd',
+      input_size=input_size,
       feature_maps=[fm['conv4_3']] + [fm[s] for s in sources[1:]],
       s_min=0.1,
       s_max=0.9,
@@ -177,6 +182,7 @@ def skipfpn_model(input_size: int = 320, num_classes: int = 21) -> ConfigDict:
   ))
   anchors = ConfigDict(dict(
       style='refinedet',
+      input_size=input_size,
       feature_maps=[fm[s] for s in sources],
       steps=[input_size / fm[s] for s in sources],
       size_factor=4.0,
@@ -204,6 +210,7 @@ def postprocess() -> ConfigDict:
       nms_iou=0.45,
       pre_nms_top_k=400,
       max_detections=200,
+      arm_filter_threshold=0.99,     # two-step heads: step-one background prob above it -> no detection
   ))
 
 
@@ -262,7 +269,30 @@ def data(name: str = 'builtin_small', **overrides) -> ConfigDict:
           num_test=256,
           num_classes=6,
           seed=0,
+          min_objects=4,             # objects per image, uniform in [min, max]
+          max_objects=32,            # must stay <= max_boxes
+          min_size=6.0,              # object size sqrt(box area) in pixels at image_size,
+          max_size=64.0,             # log-uniform in [min_size, max_size]
       )),
+      # Caffe SSD augmentation parameters (SPEC section 3; datasets/augment.py).
+      photometric=ConfigDict(dict(
+          prob=0.5,                  # of each of brightness, contrast, hue, saturation
+          brightness_delta=32.0,
+          contrast=[0.5, 1.5],
+          saturation=[0.5, 1.5],
+          hue_delta=18.0,            # OpenCV 8-bit hue units (2 degrees each), as in Caffe
+      )),
+      zoom_out_prob=0.5,
+      crop=ConfigDict(dict(
+          min_ious=[0.1, 0.3, 0.5, 0.7, 0.9],  # plus the whole image and one unconstrained
+          max_trials=50,
+          scale=[0.3, 1.0],
+          aspect=[0.5, 2.0],
+      )),
+      flip_prob=0.5,
+      read_threads=2,                # threads per process running decode + augment
+      tfds_data_dir='',              # '' = tfds default
+      tfds_kitti_flipped='auto',     # 'auto' (by builder version) | True | False
   ))
   cfg.update(overrides)
   return cfg
@@ -313,3 +343,75 @@ def base_config(preset: ConfigDict) -> ConfigDict:
       max_images=16,
   ))
   return cfg
+
+
+def parse_arg(arg: str | None, **defaults):
+  """`'dfssd,tiny'` or `'model=ssd,tiny=True'` -> ConfigDict over `defaults` (big_vision style).
+
+  A bare word sets a boolean default to True, or else the first string
+  default ('model' here) to that word.
+  """
+  out = ConfigDict(dict(defaults))
+  for part in filter(None, (arg or '').split(',')):
+    key, eq, value = part.partition('=')
+    key = key.strip()
+    if not eq:
+      if key in defaults and isinstance(defaults[key], bool):
+        out[key] = True
+        continue
+      first_str = next((k for k, v in defaults.items() if isinstance(v, str)), None)
+      if first_str is None:
+        raise ValueError(f'config arg {part!r}: no such switch; known: {sorted(defaults)}')
+      out[first_str] = key
+      continue
+    if key not in defaults:
+      raise ValueError(f'config arg {key!r} unknown; known: {sorted(defaults)}')
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def voc0712_data(**overrides) -> ConfigDict:
+  """VOC07+12 trainval -> VOC07 test (tfds without `root`, a VOCdevkit folder with it)."""
+  return data('voc', train_split='VOC2007/trainval+VOC2012/trainval',
+              eval_split='VOC2007/test', max_boxes=64, **overrides)
+
+
+def kitti_data(**overrides) -> ConfigDict:
+  """KITTI 2D object, 3 grouped classes (SPEC section 4), DontCare ignored."""
+  return data('kitti', train_split='train', eval_split='val', max_boxes=128, **overrides)
+
+
+def coco_data(**overrides) -> ConfigDict:
+  """COCO 2017 from its json + images folder (`root`), crowd boxes ignored."""
+  return data('coco', train_split='train2017', eval_split='val2017', max_boxes=128, **overrides)
+
+
+def runlocal(config: ConfigDict, width: float = 0.125, steps: int = 20) -> ConfigDict:
+  """Shrinks any paper config to something a laptop CPU runs in a minute or two.
+
+  The model keeps its structure and input size (so priors and shapes are the
+  paper's); width, batch, steps and eval size shrink, and the data becomes the
+  built-in dataset unless a `root` was given.
+  """
+  config.model.width = width
+  config.batch_size = 4
+  config.num_train_steps = steps
+  config.log_every_steps = 5
+  config.eval_every_steps = 0
+  config.checkpoint_every_steps = steps
+  config.optim.boundaries = [steps * 2 // 3, steps * 5 // 6]
+  config.optim.warmup_steps = 0
+  config.eval.num_examples = 16
+  config.eval.batch_size = 8
+  config.detect.max_images = 2
+  if not config.data.root and config.data.name != 'builtin_small':
+    config.data = data(max_boxes=config.data.max_boxes)
+    config.model.num_classes = config.data.builtin.num_classes + 1
+    config.data.builtin.image_size = config.model.input_size
+    config.data.builtin.num_test = 16
+    config.eval.metric = 'voc07'
+  return config
