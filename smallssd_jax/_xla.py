@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 CPU_FLAGS = ('--xla_disable_hlo_passes=dot-library-rewriter',)
 
@@ -27,10 +28,9 @@ def accelerator_plugin_installed() -> bool:
 
 
 def _backends_started() -> bool:
-  try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return False
+  # Only look if JAX is already loaded: importing it here would pull JAX into
+  # every process that imports the package (grain workers included).
+  xla_bridge = sys.modules.get('jax._src.xla_bridge')
   return bool(getattr(xla_bridge, '_backends', None))
 
 

@@ -290,6 +290,7 @@ def data(name: str = 'builtin_small', **overrides) -> ConfigDict:
           aspect=[0.5, 2.0],
       )),
       flip_prob=0.5,
+      resize_method='bilinear',      # train: 'bilinear' | 'nearest' (fast) | 'random' (Caffe's)
       read_threads=2,                # threads per process running decode + augment
       tfds_data_dir='',              # '' = tfds default
       tfds_kitti_flipped='auto',     # 'auto' (by builder version) | True | False

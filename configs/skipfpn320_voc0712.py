@@ -1,0 +1,33 @@
+"""SkipFPN-GRF320 on VOC07+12, tested on VOC07 test (SPEC section 5, seed 001).
+
+Paper: 80.1 mAP at 31.2 FPS. Recipe: 140k iterations, lr 1e-3 to 80k, 1e-4 to
+100k, 1e-5 to 120k, 1e-6 to 140k, batch 32.
+
+Train and evaluate (GPU / TPU; set the data location first, see README):
+
+  python -m smallssd_jax.main --config=configs/skipfpn320_voc0712.py --workdir=runs/skipfpn320_voc0712
+
+Evaluate a checkpoint, or draw detections:
+
+  python -m smallssd_jax.main --config=configs/skipfpn320_voc0712.py --workdir=runs/skipfpn320_voc0712 --mode=eval
+  python -m smallssd_jax.main --config=configs/skipfpn320_voc0712.py --workdir=runs/skipfpn320_voc0712 --mode=detect --config.detect.input=IMAGES
+
+Run-local check of the same setting (tiny width, built-in data, a minute on a CPU):
+
+  python -m smallssd_jax.main --config=configs/skipfpn320_voc0712.py:runlocal --workdir=/tmp/skipfpn320_voc0712
+"""
+
+from smallssd_jax import presets
+
+
+def get_config(arg=None):
+  arg = presets.parse_arg(arg, runlocal=False)
+  config = presets.base_config(presets.skipfpn_model(320, num_classes=21))
+  config.data = presets.voc0712_data()
+  config.batch_size = 32
+  config.num_train_steps = 140_000
+  config.optim = presets.sgd(lr=1e-3, boundaries=(80_000, 100_000, 120_000), warmup_steps=1000)
+  config.eval.metric = 'voc07'
+  if arg.runlocal:
+    presets.runlocal(config)
+  return config

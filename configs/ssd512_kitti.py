@@ -1,0 +1,32 @@
+"""SSD512 on KITTI 2D object, 3 grouped classes: the DF-SSD paper's KITTI baseline.
+
+Paper: 62.1 mAP (VOC-style AP@0.5 over the 3 classes).
+
+Train and evaluate (GPU / TPU; set the data location first, see README):
+
+  python -m smallssd_jax.main --config=configs/ssd512_kitti.py --workdir=runs/ssd512_kitti
+
+Evaluate a checkpoint, or draw detections:
+
+  python -m smallssd_jax.main --config=configs/ssd512_kitti.py --workdir=runs/ssd512_kitti --mode=eval
+  python -m smallssd_jax.main --config=configs/ssd512_kitti.py --workdir=runs/ssd512_kitti --mode=detect --config.detect.input=IMAGES
+
+Run-local check of the same setting (tiny width, built-in data, a minute on a CPU):
+
+  python -m smallssd_jax.main --config=configs/ssd512_kitti.py:runlocal --workdir=/tmp/ssd512_kitti
+"""
+
+from smallssd_jax import presets
+
+
+def get_config(arg=None):
+  arg = presets.parse_arg(arg, runlocal=False)
+  config = presets.base_config(presets.ssd_model(512, num_classes=4))
+  config.data = presets.kitti_data()
+  config.batch_size = 32
+  config.num_train_steps = 120_000
+  config.optim = presets.sgd(lr=1e-3, boundaries=(80_000, 100_000), warmup_steps=1000)
+  config.eval.metric = 'kitti'
+  if arg.runlocal:
+    presets.runlocal(config)
+  return config

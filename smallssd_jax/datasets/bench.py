@@ -1,0 +1,133 @@
+r"""Data-loading throughput: decode only, and the full SSD train augmentation.
+
+  python -m smallssd_jax.datasets.bench [--num_images=256] [--workers=0,2] [--batches=20]
+
+Writes `num_images` VOC-sized (500x375) JPEGs with VOC annotations to a
+temporary VOCdevkit, then prints images/s for: decoding alone (one process),
+the full per-example train path (read + decode + photometric + zoom-out +
+min-IoU crop + flip + resize to 300 + normalize + pad, one process) with the
+bilinear and the nearest resize (data.resize_method), and the grain train
+iterator with each `--workers` count (batches of --batch_size). Run it on an
+otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image, ImageDraw
+
+from smallssd_jax import presets
+from smallssd_jax.datasets import augment
+from smallssd_jax.datasets import pipeline
+from smallssd_jax.datasets import sources
+from smallssd_jax.datasets import voc
+
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'JPEGs to write.')
+_WORKERS = flags.DEFINE_list('workers', ['0', '2'], 'Worker counts for the grain iterator.')
+_BATCHES = flags.DEFINE_integer('batches', 20, 'Batches to time per worker count.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Batch size of the grain iterator.')
+_READ_THREADS = flags.DEFINE_integer('read_threads', 0, 'data.read_threads for the iterator.')
+
+
+def write_voc(root: str, num_images: int, seed: int = 0) -> str:
+  """A VOCdevkit/VOC2007 with `num_images` 500x375 photo-like JPEGs; returns its root."""
+  rng = np.random.default_rng(seed)
+  year = os.path.join(root, 'VOC2007')
+  for sub in ('Annotations', 'JPEGImages', os.path.join('ImageSets', 'Main')):
+    os.makedirs(os.path.join(year, sub), exist_ok=True)
+  ids = []
+  yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
+  for i in range(num_images):
+    image_id = f'{i:06d}'
+    ids.append(image_id)
+    base = rng.uniform(40, 200, 3)
+    grad = rng.uniform(-0.2, 0.2, (2, 3))
+    img = base + yy[..., None] * grad[0] + xx[..., None] * grad[1]
+    img = img + rng.normal(0, 12, img.shape)
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    objects = []
+    for _ in range(rng.integers(1, 6)):
+      w, h = rng.integers(20, 200, 2)
+      x0, y0 = rng.integers(0, 500 - w), rng.integers(0, 375 - h)
+      draw.ellipse((x0, y0, x0 + w, y0 + h), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+      name = voc.VOC_CLASSES[rng.integers(len(voc.VOC_CLASSES))]
+      objects.append(f'<object><name>{name}</name><difficult>0</difficult><bndbox>'
+                     f'<xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x0 + w + 1}</xmax>'
+                     f'<ymax>{y0 + h + 1}</ymax></bndbox></object>')
+    pil.save(os.path.join(year, 'JPEGImages', f'{image_id}.jpg'), quality=90)
+    with open(os.path.join(year, 'Annotations', f'{image_id}.xml'), 'w') as f:
+      f.write(f'<annotation><size><width>500</width><height>375</height></size>'
+              f'{"".join(objects)}</annotation>')
+  with open(os.path.join(year, 'ImageSets', 'Main', 'trainval.txt'), 'w') as f:
+    f.write('\n'.join(ids) + '\n')
+  return root
+
+
+def _rate(count: int, seconds: float) -> str:
+  return f'{count / seconds:8.1f} images/s ({1e3 * seconds / count:.2f} ms/image)'
+
+
+def run(root: str, workers: list[int], batches: int, batch_size: int,
+        read_threads: int) -> None:
+  config = presets.base_config(presets.ssd_model(300, num_classes=21))
+  config.data.name = 'voc'
+  config.data.root = root
+  config.data.train_split = 'VOC2007/trainval'
+  config.data.read_threads = read_threads
+  config.batch_size = batch_size
+  source = sources.get_source(config.data, config.data.train_split)
+  n = len(source)
+
+  source[0]
+  start = time.perf_counter()
+  for i in range(n):
+    source[i]
+  seconds = time.perf_counter() - start
+  print(f'decode only (1 process):                             {_rate(n, seconds)}')
+
+  for method in ('bilinear', 'nearest'):
+    config.data.resize_method = method
+    loader = pipeline.ExampleLoader(source, augment.train_ops(config.data, 300),
+                                    int(config.data.max_boxes), 'error')
+    rng = np.random.default_rng(0)
+    loader(0, rng)
+    start = time.perf_counter()
+    for i in range(n):
+      loader(i, rng)
+    print(f'full train augmentation, {method:8s} resize (1 process): '
+          f'{_rate(n, time.perf_counter() - start)}')
+  config.data.resize_method = 'bilinear'
+
+  for num_workers in workers:
+    config.data.num_workers = num_workers
+    it = pipeline.make_train_iterator(config)
+    next(it)  # start-up (worker spawn) is not timed
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    seconds = time.perf_counter() - start
+    print(f'grain train iterator, bilinear, {num_workers} workers:          '
+          f'{_rate(batches * batch_size, seconds)}')
+    close = getattr(it, 'close', None)
+    if close:
+      close()
+
+
+def main(argv):
+  del argv
+  with tempfile.TemporaryDirectory() as tmp:
+    write_voc(tmp, _NUM_IMAGES.value)
+    run(tmp, [int(w) for w in _WORKERS.value], _BATCHES.value, _BATCH_SIZE.value,
+        _READ_THREADS.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

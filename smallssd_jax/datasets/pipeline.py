@@ -1,0 +1,277 @@
+"""grain pipelines: sources -> augmented, padded, batched numpy dicts.
+
+Training (`make_train_iterator`):
+
+  MapDataset.range(len(source))     the source's indices
+    [process_index::process_count]  each host reads only its own shard
+    .shuffle(seed)                  global shuffle, reshuffled every epoch
+    .repeat()
+    .random_map(load + augment + pad)  per-element rng from (seed, position):
+                                    the same batches for the same seed, for
+                                    any number of read threads
+    .to_iter_dataset()              drops skipped (bad) examples
+    .batch(B, drop_remainder=True)
+    .mp_prefetch(num_workers)       worker processes (spawn; absl flags must
+                                    be parsed, as main.py's app.run does)
+
+The iterator's `get_state()` / `set_state()` restore the exact position, so a
+resumed run sees the batches it would have seen. The element order depends on
+`data.num_workers` (each worker batches its own slice), so keep it fixed
+across a resume.
+
+Evaluation (`make_eval_batches`) is finite and unshuffled: every process
+gets the same number of batches (its shard padded with empty examples), and
+the `example_mask` field marks the real ones.
+
+Batch dict (docs/architecture.md): image float32 [B, S, S, 3] normalised,
+boxes float32 [B, M, 4] `[ymin, xmin, ymax, xmax]` normalised to the model
+input, labels int32 [B, M] (1..K, 0 on padding), mask bool [B, M], ignore
+bool [B, M], image_id int32 [B], orig_size int32 [B, 2] (h, w); eval batches
+also example_mask bool [B].
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any, Sequence
+
+from absl import logging
+import grain
+import numpy as np
+
+from smallssd_jax.datasets import augment
+from smallssd_jax.datasets import records
+from smallssd_jax.datasets import sources
+
+BATCH_KEYS = ('image', 'boxes', 'labels', 'mask', 'ignore', 'image_id', 'orig_size')
+ON_BAD = ('error', 'skip')
+
+# Bad examples skipped in this process, by reason (workers count their own).
+skipped: collections.Counter[str] = collections.Counter()
+
+get_source = sources.get_source
+class_names = sources.class_names
+
+
+def _derive_seed(*parts: int) -> int:
+  """A 32-bit seed from several ints (grain wants seeds in [0, 2**32))."""
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def pad_example(example: records.Example, max_boxes: int) -> dict[str, np.ndarray]:
+  """Pads the ground truth to `max_boxes` with a mask; keeps only the batch fields."""
+  n = len(example['boxes'])
+  if n > max_boxes:
+    raise records.BadExampleError(
+        example.get('key', ''), f'{n} objects after augmentation, more than data.max_boxes='
+        f'{max_boxes}')
+  boxes = np.zeros((max_boxes, 4), np.float32)
+  labels = np.zeros((max_boxes,), np.int32)
+  ignore = np.zeros((max_boxes,), bool)
+  mask = np.zeros((max_boxes,), bool)
+  boxes[:n] = example['boxes']
+  labels[:n] = example['labels']
+  ignore[:n] = example['ignore']
+  mask[:n] = True
+  return {
+      'image': np.asarray(example['image'], np.float32),
+      'boxes': boxes,
+      'labels': labels,
+      'mask': mask,
+      'ignore': ignore,
+      'image_id': np.int32(example['image_id']),
+      'orig_size': np.asarray(example['orig_size'], np.int32).reshape(2),
+  }
+
+
+def empty_example(input_size: int, max_boxes: int) -> dict[str, np.ndarray]:
+  """The padding example of eval batches (image_id -1, no boxes)."""
+  return {
+      'image': np.zeros((input_size, input_size, 3), np.float32),
+      'boxes': np.zeros((max_boxes, 4), np.float32),
+      'labels': np.zeros((max_boxes,), np.int32),
+      'mask': np.zeros((max_boxes,), bool),
+      'ignore': np.zeros((max_boxes,), bool),
+      'image_id': np.int32(-1),
+      'orig_size': np.zeros((2,), np.int32),
+  }
+
+
+class ExampleLoader:
+  """Reads, checks, augments and pads one example; handles bad input.
+
+  A bad example (records.BadExampleError: corrupt or missing image, bad
+  annotation, more objects than max_boxes, ...) raises with its file and
+  reason when `on_bad_example='error'`, or is logged, counted in `skipped`
+  and returned as None when 'skip'.
+  """
+
+  def __init__(self, source: records.Source, ops: Sequence[augment.Op], max_boxes: int,
+               on_bad_example: str):
+    if on_bad_example not in ON_BAD:
+      raise ValueError(f'data.on_bad_example must be one of {ON_BAD}, got {on_bad_example!r}')
+    self.source = source
+    self.ops = list(ops)
+    self.max_boxes = int(max_boxes)
+    self.on_bad_example = on_bad_example
+
+  def __call__(self, index: int, rng: np.random.Generator | None) -> dict[str, Any] | None:
+    try:
+      example = self.source.record(int(index))
+      n = len(example['boxes'])
+      if n > self.max_boxes:
+        raise records.BadExampleError(
+            example['key'], f'{n} objects, more than data.max_boxes={self.max_boxes} '
+            '(raise data.max_boxes)')
+      example = augment.apply(self.ops, example, rng)
+      return pad_example(example, self.max_boxes)
+    except records.BadExampleError as e:
+      if self.on_bad_example == 'error':
+        raise
+      skipped[e.reason] += 1
+      logging.warning('skipping bad example %s (%d skipped in this process)', e,
+                      sum(skipped.values()))
+      return None
+
+
+class _TrainMap(grain.transforms.RandomMap):
+
+  def __init__(self, loader: ExampleLoader):
+    self.loader = loader
+
+  def random_map(self, element: int, rng: np.random.Generator):
+    return self.loader(element, rng)
+
+
+class _EvalMap(grain.transforms.Map):
+
+  def __init__(self, loader: ExampleLoader, input_size: int):
+    self.loader = loader
+    self.input_size = input_size
+
+  def map(self, element: int):
+    if element < 0:
+      out = empty_example(self.input_size, self.loader.max_boxes)
+      out['example_mask'] = np.bool_(False)
+      return out
+    out = self.loader(element, None)
+    if out is None:  # skipped bad example: keep the slot, masked out
+      out = empty_example(self.input_size, self.loader.max_boxes)
+      out['example_mask'] = np.bool_(False)
+      return out
+    out['example_mask'] = np.bool_(True)
+    return out
+
+
+def _check_classes(config, source: records.Source) -> None:
+  want = len(source.class_names) + 1
+  got = int(config.model.num_classes)
+  if got != want:
+    raise ValueError(
+        f'config.model.num_classes={got} but the dataset has {len(source.class_names)} '
+        f'classes (+1 background = {want})')
+
+
+def _per_process(total: int, process_count: int, what: str) -> int:
+  if total % process_count:
+    raise ValueError(f'{what}={total} is not divisible by process_count={process_count}')
+  return total // process_count
+
+
+def _read_options(data_cfg, batch_size: int) -> grain.ReadOptions:
+  threads = int(data_cfg.get('read_threads', 0))
+  # A couple of batches in flight: grain's default buffer (500 elements) would
+  # hold ~0.5 GB of float32 300x300 images per process.
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(1, int(data_cfg.prefetch)) * batch_size)
+
+
+def _mp_options(data_cfg) -> grain.MultiprocessingOptions:
+  return grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers),
+                                      per_worker_buffer_size=max(1, int(data_cfg.prefetch)))
+
+
+def make_train_dataset(config, process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
+  """The training pipeline as a grain IterDataset (see the module docstring)."""
+  data_cfg = config.data
+  source = sources.get_source(data_cfg, data_cfg.train_split)
+  _check_classes(config, source)
+  if len(source) == 0:
+    raise ValueError(f'training split {data_cfg.train_split!r} of {data_cfg.name} is empty')
+  batch_size = _per_process(int(config.batch_size), process_count, 'config.batch_size')
+  input_size = int(config.model.input_size)
+  loader = ExampleLoader(source, augment.train_ops(data_cfg, input_size),
+                         int(data_cfg.max_boxes), data_cfg.on_bad_example)
+  seed = int(config.seed)
+  ds = grain.MapDataset.range(len(source))[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f'process {process_index} of {process_count} has no training examples')
+  if int(data_cfg.get('shuffle_buffer', 0)) > 0:
+    ds = grain.experimental.WindowShuffleMapDataset(
+        ds, window_size=int(data_cfg.shuffle_buffer), seed=_derive_seed(seed, process_index, 1))
+  else:
+    ds = ds.shuffle(seed=_derive_seed(seed, process_index, 1))
+  ds = ds.repeat(None)
+  ds = ds.random_map(_TrainMap(loader), seed=_derive_seed(seed, process_index, 2))
+  ds = ds.to_iter_dataset(_read_options(data_cfg, batch_size))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.mp_prefetch(_mp_options(data_cfg))
+
+
+def make_train_iterator(config, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """An endless iterator of training batches for this process.
+
+  Args:
+    config: the full run config (uses seed, batch_size, model.input_size,
+      model.num_classes and data).
+    process_index, process_count: this host's shard (jax.process_index() /
+      jax.process_count(), passed in so the data code needs no JAX).
+
+  Returns:
+    a grain iterator (with get_state / set_state) of batch dicts with
+    config.batch_size // process_count examples (module docstring).
+  """
+  return iter(make_train_dataset(config, process_index, process_count))
+
+
+def eval_layout(num_examples: int, batch_size: int, process_index: int,
+                process_count: int) -> list[int]:
+  """This process's example indices, padded with -1 to the common batch count."""
+  mine = list(range(process_index, num_examples, process_count))
+  per_process = math.ceil(num_examples / process_count)
+  num_batches = max(1, math.ceil(per_process / batch_size))
+  return mine + [-1] * (num_batches * batch_size - len(mine))
+
+
+def make_eval_batches(config, split: str | None = None, process_index: int = 0,
+                      process_count: int = 1) -> grain.IterDataset:
+  """Finite evaluation batches (resize + normalize only) for this process.
+
+  Every process yields the same number of batches; padding examples (and
+  skipped bad ones) have `example_mask` False. Uses config.eval.batch_size
+  (else config.batch_size) and config.eval.num_examples (0 = whole split).
+
+  Returns:
+    a grain IterDataset; iterate it (any number of times) for the batch dicts
+    of the module docstring plus `example_mask` bool [B].
+  """
+  data_cfg = config.data
+  split = split or data_cfg.eval_split
+  source = sources.get_source(data_cfg, split)
+  _check_classes(config, source)
+  eval_cfg = config.get('eval', {})
+  total_batch = int(eval_cfg.get('batch_size', 0) or config.batch_size)
+  batch_size = _per_process(total_batch, process_count, 'eval batch size')
+  limit = int(eval_cfg.get('num_examples', 0) or 0)
+  n = min(len(source), limit) if limit > 0 else len(source)
+  input_size = int(config.model.input_size)
+  loader = ExampleLoader(source, augment.eval_ops(data_cfg, input_size),
+                         int(data_cfg.max_boxes), data_cfg.on_bad_example)
+  indices = eval_layout(n, batch_size, process_index, process_count)
+  ds = grain.MapDataset.source(indices).map(_EvalMap(loader, input_size))
+  ds = ds.batch(batch_size, drop_remainder=False)
+  ds = ds.to_iter_dataset(_read_options(data_cfg, 1))
+  return ds.mp_prefetch(_mp_options(data_cfg))

@@ -1,0 +1,219 @@
+"""grain pipelines: batch contract, determinism, resume, sharding, bad input, audit CLI."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from smallssd_jax import presets
+from smallssd_jax.datasets import __main__ as audit_tool
+from smallssd_jax.datasets import bench
+from smallssd_jax.datasets import pipeline
+from smallssd_jax.datasets import records
+
+SIZE = 64
+
+
+def _config(seed=0, batch_size=4, **data):
+  cfg = presets.base_config(presets.dfssd_model(300, num_classes=7))
+  cfg.model.input_size = SIZE   # the pipeline only needs the input size
+  cfg.seed = seed
+  cfg.batch_size = batch_size
+  cfg.eval.batch_size = batch_size
+  cfg.data.builtin.image_size = SIZE
+  cfg.data.builtin.min_size = 4.0
+  cfg.data.builtin.max_size = 20.0
+  cfg.data.builtin.num_train = 40
+  cfg.data.builtin.num_test = 10
+  cfg.data.read_threads = 0
+  cfg.data.update(data)
+  return cfg
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+  return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_train_batch_contract():
+  batch = next(pipeline.make_train_iterator(_config()))
+  assert set(batch) == set(pipeline.BATCH_KEYS)
+  m = presets.data().max_boxes
+  expect = {'image': ((4, SIZE, SIZE, 3), np.float32), 'boxes': ((4, m, 4), np.float32),
+            'labels': ((4, m), np.int32), 'mask': ((4, m), np.bool_),
+            'ignore': ((4, m), np.bool_), 'image_id': ((4,), np.int32),
+            'orig_size': ((4, 2), np.int32)}
+  for key, (shape, dtype) in expect.items():
+    assert batch[key].shape == shape and batch[key].dtype == dtype, key
+  mask = batch['mask']
+  assert mask.any() and not mask.all()
+  assert np.all(batch['labels'][~mask] == 0) and np.all(batch['labels'][mask] >= 1)
+  assert np.all(batch['boxes'][~mask] == 0) and not batch['ignore'][~mask].any()
+  b = batch['boxes'][mask]
+  assert np.all((b >= 0) & (b <= 1)) and np.all(b[:, 2:] > b[:, :2])
+  np.testing.assert_array_equal(batch['orig_size'], [[SIZE, SIZE]] * 4)
+  assert abs(float(batch['image'].mean())) < 60  # mean-subtracted
+
+
+def test_same_seed_same_batches_different_seed_different():
+  a = _take(pipeline.make_train_iterator(_config(seed=3)), 3)
+  b = _take(pipeline.make_train_iterator(_config(seed=3)), 3)
+  c = _take(pipeline.make_train_iterator(_config(seed=4)), 3)
+  assert _same(a, b)
+  assert not np.array_equal(a[0]['image_id'], c[0]['image_id']) or not np.array_equal(
+      a[0]['image'], c[0]['image'])
+  # Read threads change the speed, not the data.
+  d = _take(pipeline.make_train_iterator(_config(seed=3, read_threads=2)), 3)
+  assert _same(a, d)
+
+
+def test_epochs_reshuffle_and_cover_the_split():
+  cfg = _config(batch_size=8)   # 40 examples = 5 batches per epoch
+  ids = np.concatenate([b['image_id'] for b in _take(pipeline.make_train_iterator(cfg), 10)])
+  first, second = ids[:40], ids[40:]
+  assert sorted(first) == list(range(40)) and sorted(second) == list(range(40))
+  assert not np.array_equal(first, second)
+
+
+def test_iterator_state_restores_exact_batches():
+  cfg = _config(seed=5, read_threads=2)  # prefetching threads run ahead of the state
+  it = pipeline.make_train_iterator(cfg)
+  _take(it, 2)
+  state = it.get_state()
+  expected = _take(it, 2)
+  resumed = pipeline.make_train_iterator(cfg)
+  resumed.set_state(state)
+  assert _same(expected, _take(resumed, 2))
+
+
+def test_worker_process_matches_in_process_and_resumes():
+  cfg = _config(seed=6, num_workers=1)
+  it = pipeline.make_train_iterator(cfg)
+  try:
+    first = _take(it, 2)
+    state = it.get_state()
+    expected = _take(it, 1)
+  finally:
+    it.close()
+  assert _same(first, _take(pipeline.make_train_iterator(_config(seed=6)), 2))
+  resumed = pipeline.make_train_iterator(cfg)
+  try:
+    resumed.set_state(state)
+    assert _same(expected, _take(resumed, 1))
+  finally:
+    resumed.close()
+
+
+def test_each_process_reads_its_own_shard():
+  cfg = _config(batch_size=8)
+  ids = []
+  for p in range(2):
+    batches = _take(pipeline.make_train_iterator(cfg, process_index=p, process_count=2), 3)
+    assert batches[0]['image'].shape[0] == 4
+    ids.append(set(np.concatenate([b['image_id'] for b in batches]).tolist()))
+  assert all(i % 2 == 0 for i in ids[0]) and all(i % 2 == 1 for i in ids[1])
+  with pytest.raises(ValueError, match='divisible'):
+    pipeline.make_train_iterator(_config(batch_size=5), 0, 2)
+
+
+def test_eval_batches_pad_the_last_batch():
+  cfg = _config()
+  batches = list(pipeline.make_eval_batches(cfg))
+  assert len(batches) == 3
+  masks = np.concatenate([b['example_mask'] for b in batches])
+  ids = np.concatenate([b['image_id'] for b in batches])
+  np.testing.assert_array_equal(masks, [True] * 10 + [False] * 2)
+  np.testing.assert_array_equal(ids[:10], np.arange(10))
+  assert np.all(ids[10:] == -1)
+  assert set(batches[0]) == set(pipeline.BATCH_KEYS) | {'example_mask'}
+  assert batches[-1]['example_mask'].dtype == np.bool_
+  assert not batches[-1]['mask'][2:].any()
+  # Deterministic, re-iterable.
+  assert _same(batches, list(pipeline.make_eval_batches(cfg)))
+  # Every process gets the same number of batches.
+  per_process = [list(pipeline.make_eval_batches(cfg, 'test', p, 2)) for p in range(2)]
+  assert [len(b) for b in per_process] == [3, 3]   # 5 examples each at batch 2
+  got = sorted(np.concatenate([b['image_id'][b['example_mask']] for bs in per_process
+                               for b in bs]).tolist())
+  assert got == list(range(10))
+  cfg.eval.num_examples = 6
+  assert sum(b['example_mask'].sum() for b in pipeline.make_eval_batches(cfg)) == 6
+
+
+def test_num_classes_must_match_the_dataset():
+  cfg = _config()
+  cfg.model.num_classes = 21
+  with pytest.raises(ValueError, match='num_classes'):
+    pipeline.make_train_iterator(cfg)
+
+
+def _voc_with_a_bad_image(tmp_path, how):
+  root = bench.write_voc(str(tmp_path), 6)
+  path = os.path.join(root, 'VOC2007', 'JPEGImages', '000003.jpg')
+  data = open(path, 'rb').read()
+  with open(path, 'wb') as f:
+    f.write(data[:len(data) // 2] if how == 'truncated' else b'garbage')
+  return root
+
+
+def _voc_config(root, **data):
+  cfg = presets.base_config(presets.ssd_model(300, num_classes=21))
+  cfg.model.input_size = SIZE
+  cfg.batch_size = 2
+  cfg.eval.batch_size = 2
+  cfg.data.update(dict(name='voc', root=root, train_split='VOC2007/trainval',
+                       eval_split='VOC2007/trainval', read_threads=0))
+  cfg.data.update(data)
+  return cfg
+
+
+def test_bad_image_errors_or_is_skipped(tmp_path):
+  root = _voc_with_a_bad_image(tmp_path, 'truncated')
+  it = pipeline.make_train_iterator(_voc_config(root, on_bad_example='error'))
+  with pytest.raises(records.BadExampleError, match='000003.jpg: image data is corrupt'):
+    _take(it, 3)
+  before = sum(pipeline.skipped.values())
+  it = pipeline.make_train_iterator(_voc_config(root, on_bad_example='skip'))
+  ids = np.concatenate([b['image_id'] for b in _take(it, 5)])
+  assert 3 not in ids and set(ids.tolist()) == {0, 1, 2, 4, 5}
+  assert sum(pipeline.skipped.values()) > before
+  batches = list(pipeline.make_eval_batches(_voc_config(root, on_bad_example='skip')))
+  masks = np.concatenate([b['example_mask'] for b in batches])
+  np.testing.assert_array_equal(masks, [True, True, True, False, True, True])
+
+
+def test_audit_counts_and_check_flag(tmp_path):
+  root = _voc_with_a_bad_image(tmp_path, 'truncated')
+  cfg = _voc_config(root)
+  result = audit_tool.audit(cfg, 'VOC2007/trainval', check=False, out=open(os.devnull, 'w'))
+  assert result['images'] == 6 and not result['bad']   # headers are fine
+  result = audit_tool.audit(cfg, 'VOC2007/trainval', check=True, out=open(os.devnull, 'w'))
+  assert result['images'] == 5 and len(result['bad']) == 1 and '000003.jpg' in result['bad'][0]
+  assert sum(result['per_class'].values()) > 0
+
+
+def test_audit_command_line(tmp_path):
+  root = _voc_with_a_bad_image(tmp_path / 'data', 'truncated')
+  config_file = tmp_path / 'voc_config.py'
+  config_file.write_text(
+      'from smallssd_jax import presets\n\n\n'
+      'def get_config():\n'
+      '  cfg = presets.base_config(presets.ssd_model(300, num_classes=21))\n'
+      "  cfg.data.name = 'voc'\n"
+      "  cfg.data.train_split = 'VOC2007/trainval'\n"
+      '  return cfg\n')
+  cmd = [sys.executable, '-m', 'smallssd_jax.datasets', f'--config={config_file}',
+         f'--config.data.root={root}']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  ok = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+  assert ok.returncode == 0, ok.stderr
+  assert 'images read: 6 of 6' in ok.stdout and 'objects per class' in ok.stdout
+  assert 'small' in ok.stdout and 'ignored' in ok.stdout
+  check = subprocess.run(cmd + ['--check'], capture_output=True, text=True, env=env, timeout=120)
+  assert check.returncode == 1
+  assert 'bad examples (1)' in check.stdout and '000003.jpg' in check.stdout
