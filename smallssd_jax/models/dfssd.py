@@ -1,0 +1,146 @@
+"""DF-SSD neck: deconvolution region enlargement and weighted feature fusion (SPEC section 4).
+
+Paper's section 2.1 (`nconv4_3`):
+
+1. conv4_3 (after its L2Norm) -> transposed convolution to the input
+   resolution: `deconv4_3`. PyTorch's transposed-conv arithmetic
+   `o = s(i - 1) + k - 2p` gives 298 at 300 (s 8, k 4, p 1) and 512 at 512
+   (s 8, k 8, p 0); the result is zero-padded / cropped, centred, to exactly
+   the input size so that its pixels line up with the image's (formula (3)).
+   No activation follows: the paper names none, and everything up to the
+   fusion's BatchNorm is linear anyway;
+2. `deconv4_3` is pooled back onto the conv4_3 grid with adaptive pooling (bins
+   of 7 and 8 pixels for 300 -> 38, exactly 8 for 512 -> 64);
+3. the deepest extra layer (conv11_2 at 300, conv12_2 at 512) is upsampled
+   bilinearly onto the same grid;
+4. both are concatenated: `nconv4_3`.
+
+Section 2.2, formula (4), our reading: every fusion source is projected by a
+1x1 conv + BN to `fusion_channels`, upsampled to the nconv4_3 grid and summed
+with weights `1 + a_k` (fixed, the paper's) or BiFPN's normalised non-negative
+learned weights; ReLU; a 3x3 conv. The fused map replaces conv4_3 as the
+first prediction source (`'fused'` in `sources`). With `fuse_levels='all'`
+every prediction level gets its own fused map at its own resolution (the
+shared projections resized to it, its own weights and 3x3 conv).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from smallssd_jax.models import layers
+
+Array = jax.Array
+
+FUSED = 'fused'
+
+
+class WeightedFusion(nn.Module):
+  """`conv3x3(ReLU(sum_k w_k * resize(v_k, size)))` for already projected maps `v_k`.
+
+  'fixed': `w_k = 1 + a_k` (formula (4): the equal-weight term V plus the
+  paper's coefficients). 'learned': BiFPN's fast normalised fusion,
+  `w_k = relu(p_k) / (sum_j relu(p_j) + 1e-4)`, with `p` initialised to
+  `1 + a_k` so training starts from the paper's proportions.
+  """
+  size: Sequence[int]
+  channels: int
+  coefficients: Sequence[float]
+  fusion: str = 'fixed'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, projected: Sequence[Array]) -> Array:
+    base = jnp.asarray([1.0 + a for a in self.coefficients], jnp.float32)
+    if self.fusion == 'fixed':
+      weights = base
+    elif self.fusion == 'learned':
+      raw = nn.relu(self.param('fusion_weights', lambda _, v: v, base))
+      weights = raw / (jnp.sum(raw) + 1e-4)
+    else:
+      raise ValueError(f"dfssd.fusion must be 'fixed' or 'learned', got {self.fusion!r}")
+    fused = sum(weights[k].astype(self.dtype) * layers.resize_bilinear(v, self.size)
+                for k, v in enumerate(projected))
+    return layers.conv2d(self.channels, 3, dtype=self.dtype, name='conv')(nn.relu(fused))
+
+
+class DFSSDNeck(nn.Module):
+  """Backbone feature dict -> DF-SSD prediction maps, in `sources` order.
+
+  Attributes:
+    sources: prediction sources; `'fused'` is the fused map, any other name a
+      backbone map passed through (or fused at its own size, `fuse_levels='all'`).
+    input_size: image side; `deconv4_3` is brought to exactly this size.
+    deconv_channels, deconv_kernel, deconv_stride, deconv_padding: the
+      transposed conv (PyTorch ConvTranspose2d semantics).
+    pool: 'avg' | 'max', pooling of deconv4_3 onto the conv4_3 grid.
+    deepest: the extra layer upsampled into nconv4_3 ('conv11_2' / 'conv12_2').
+    fusion_channels: common width C of the fusion.
+    fusion_weights: the paper's a_k, one per fusion source.
+    fusion_sources: names fused, `'nconv4_3'` or backbone maps.
+    fusion: 'fixed' | 'learned'.
+    fuse_levels: 'first' | 'all'.
+    batch_norm: BN after each 1x1 projection.
+    axis_name: mesh axis the BN batch statistics are averaged over.
+    dtype: compute dtype.
+  """
+  sources: Sequence[str]
+  input_size: int
+  deconv_channels: int = 256
+  deconv_kernel: int = 4
+  deconv_stride: int = 8
+  deconv_padding: int = 1
+  pool: str = 'avg'
+  deepest: str = 'conv11_2'
+  fusion_channels: int = 256
+  fusion_weights: Sequence[float] = (0.3, 0.2, 0.15, 0.15, 0.2)
+  fusion_sources: Sequence[str] = ('nconv4_3', 'fc7', 'conv8_2', 'conv9_2', 'conv10_2')
+  fusion: str = 'fixed'
+  fuse_levels: str = 'first'
+  batch_norm: bool = True
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Mapping[str, Array], train: bool = False) -> list[Array]:
+    if len(self.fusion_weights) != len(self.fusion_sources):
+      raise ValueError(f'dfssd: {len(self.fusion_weights)} fusion_weights for '
+                       f'{len(self.fusion_sources)} fusion_sources')
+    if self.fuse_levels not in ('first', 'all'):
+      raise ValueError(f"dfssd.fuse_levels must be 'first' or 'all', got {self.fuse_levels!r}")
+    conv4_3 = features['conv4_3']
+    grid = conv4_3.shape[1:3]
+
+    deconv4_3 = layers.ConvTranspose2d(
+        self.deconv_channels, self.deconv_kernel, self.deconv_stride, self.deconv_padding,
+        dtype=self.dtype, name='deconv4_3')(conv4_3)
+    deconv4_3 = layers.crop_or_pad(deconv4_3, (self.input_size, self.input_size), centred=True)
+    pooled = layers.adaptive_pool2d(deconv4_3, grid, self.pool)
+    deepest = layers.resize_bilinear(features[self.deepest], grid)
+    nconv4_3 = jnp.concatenate([pooled, deepest.astype(pooled.dtype)], axis=-1)
+
+    named = dict(features, nconv4_3=nconv4_3)
+    projected = [
+        layers.ConvBNReLU(self.fusion_channels, 1, batch_norm=self.batch_norm, relu=False,
+                          axis_name=self.axis_name, dtype=self.dtype,
+                          name=f'project_{name}')(named[name], train)
+        for name in self.fusion_sources
+    ]
+
+    def fuse(size, name):
+      return WeightedFusion(size, self.fusion_channels, tuple(self.fusion_weights), self.fusion,
+                            dtype=self.dtype, name=name)(projected)
+
+    outputs = []
+    for name in self.sources:
+      if name == FUSED:
+        outputs.append(fuse(grid, FUSED))
+      elif self.fuse_levels == 'all':
+        outputs.append(fuse(features[name].shape[1:3], f'{FUSED}_{name}'))
+      else:
+        outputs.append(features[name])
+    return outputs

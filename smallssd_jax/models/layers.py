@@ -1,0 +1,284 @@
+"""Building blocks shared by the backbone, the necks and the heads.
+
+Every layer here follows PyTorch's arithmetic exactly (explicit padding,
+ceil-mode pooling, transposed-convolution output sizes, adaptive pooling bins),
+because weights converted from torchvision must reproduce torchvision's
+outputs, and because the papers state their layer sizes in those terms.
+All layers take and return NHWC arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+# ssd.pytorch / torchvision initialise the SSD extra layers and heads with
+# Xavier-uniform and zero bias; torchvision's VGG uses He (fan_out) normal.
+xavier_uniform = nn.initializers.xavier_uniform()
+he_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def scaled_channels(channels: int, width: float) -> int:
+  """`channels * width` rounded to a multiple of 8, at least 8.
+
+  Every channel count of the published architectures is a multiple of 8, so
+  width 1.0 changes nothing; small widths keep tests tiny without degenerate
+  1- or 2-channel layers.
+  """
+  if width == 1.0:
+    return channels
+  return max(8, int(round(channels * width / 8.0)) * 8)
+
+
+def conv2d(features: int, kernel: int, *, stride: int = 1, padding: int | None = None,
+           dilation: int = 1, use_bias: bool = True, kernel_init=xavier_uniform,
+           dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+  """A square `nn.Conv` with PyTorch's explicit symmetric zero padding.
+
+  `padding=None` means "same" for odd kernels at stride 1: `dilation * (kernel - 1) // 2`.
+  """
+  if padding is None:
+    padding = dilation * (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)),
+                 kernel_dilation=(dilation, dilation), use_bias=use_bias,
+                 kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+  """PyTorch's pooling output size, including its ceil-mode rule.
+
+  In ceil mode the last window must start inside the input or the left
+  padding, never wholly in the right padding.
+  """
+  span = size + 2 * padding - kernel
+  out = (-(-span // stride) if ceil_mode else span // stride) + 1
+  if ceil_mode and (out - 1) * stride >= size + padding:
+    out -= 1
+  return out
+
+
+def max_pool2d(x: Array, kernel: int, stride: int, padding: int = 0,
+               ceil_mode: bool = False) -> Array:
+  """`torch.nn.MaxPool2d(kernel, stride, padding, ceil_mode=...)` on NHWC.
+
+  Padding (including the extra right/bottom cells of ceil mode) is -inf, as
+  in PyTorch, so it never wins the max.
+
+  Written as an elementwise max over the window's k*k strided views rather
+  than `reduce_window`: the forward pass costs the same, but the gradient is
+  k*k cheap selects instead of XLA's select-and-scatter, which on the CPU made
+  a VGG16 backward pass several times slower.
+  """
+  b, h, w, c = x.shape
+  outs, pads = [], []
+  for size in (h, w):
+    out = pool_output_size(size, kernel, stride, padding, ceil_mode)
+    right = (out - 1) * stride + kernel - size - padding
+    outs.append(out)
+    pads.append((padding, max(right, 0)))
+  neg = jnp.array(-jnp.inf, x.dtype)
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=neg)
+  oh, ow = outs
+  result = None
+  for i in range(kernel):
+    for j in range(kernel):
+      view = jax.lax.slice(xp, (0, i, j, 0),
+                           (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                           (1, stride, stride, 1))
+      result = view if result is None else jnp.maximum(result, view)
+  return result
+
+
+def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
+  # PyTorch's adaptive pooling bins: [floor(i*n/o), ceil((i+1)*n/o)).
+  return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+
+
+def adaptive_pool2d(x: Array, output_size: Sequence[int], mode: str = 'avg') -> Array:
+  """`torch.nn.AdaptiveAvgPool2d` / `AdaptiveMaxPool2d` on NHWC ('avg' | 'max').
+
+  Lands exactly on `output_size` for any input size (300 -> 38 uses bins of 7
+  and 8 pixels). When the size divides evenly this is plain strided pooling.
+  """
+  if mode not in ('avg', 'max'):
+    raise ValueError(f"pool mode must be 'avg' or 'max', got {mode!r}")
+  b, h, w, c = x.shape
+  oh, ow = output_size
+  if h % oh == 0 and w % ow == 0:
+    kh, kw = h // oh, w // ow
+    blocks = x.reshape(b, oh, kh, ow, kw, c)
+    return blocks.mean(axis=(2, 4)) if mode == 'avg' else blocks.max(axis=(2, 4))
+  if mode == 'avg':
+    # Separable: an averaging matrix per axis.
+    def matrix(size, out):
+      m = np.zeros((out, size), np.float32)
+      for i, (lo, hi) in enumerate(_adaptive_bins(size, out)):
+        m[i, lo:hi] = 1.0 / (hi - lo)
+      return jnp.asarray(m, x.dtype)
+    y = jnp.einsum('ph,bhwc->bpwc', matrix(h, oh), x)
+    return jnp.einsum('qw,bpwc->bpqc', matrix(w, ow), y)
+
+  # Max is separable too; each bin gathers its (at most k) rows, repeating the
+  # last index to fill, which cannot change a max.
+  def gather_max(v, axis, size, out):
+    bins = _adaptive_bins(size, out)
+    k = max(hi - lo for lo, hi in bins)
+    idx = np.array([[min(lo + j, hi - 1) for j in range(k)] for lo, hi in bins], np.int32)
+    g = jnp.take(v, jnp.asarray(idx.reshape(-1)), axis=axis)
+    shape = v.shape[:axis] + (out, k) + v.shape[axis + 1:]
+    return g.reshape(shape).max(axis=axis + 1)
+  return gather_max(gather_max(x, 1, h, oh), 2, w, ow)
+
+
+def resize_bilinear(x: Array, size: Sequence[int]) -> Array:
+  """Bilinear resize with half-pixel centres.
+
+  Upsampling equals PyTorch's `F.interpolate(mode='bilinear',
+  align_corners=False)`; downsampling (only used by DF-SSD's `fuse_levels='all'`)
+  is antialiased, i.e. averages the area each output pixel covers.
+  """
+  b, h, w, c = x.shape
+  if (h, w) == tuple(size):
+    return x
+  return jax.image.resize(x, (b, size[0], size[1], c), method='bilinear',
+                          antialias=True).astype(x.dtype)
+
+
+def crop_or_pad(x: Array, size: Sequence[int], centred: bool) -> Array:
+  """Zero-pads or crops the spatial axes of `x` to exactly `size`.
+
+  `centred=True` splits the difference evenly (the extra pixel at the
+  bottom/right); otherwise all of it goes to the bottom/right, which keeps the
+  top-left corner aligned (transposed convolutions of stride s put input cell
+  i at output cells s*i .. s*i + s - 1).
+  """
+  pads = []
+  for have, want in zip(x.shape[1:3], size):
+    diff = want - have
+    before = diff // 2 if centred else 0
+    pads.append((before, diff - before))
+  if all(p == (0, 0) for p in pads):
+    return x
+  # lax.pad accepts negative amounts, which crop.
+  config = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)]
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+class ConvTranspose2d(nn.Module):
+  """`torch.nn.ConvTranspose2d(in, features, kernel, stride, padding)` on NHWC.
+
+  Output size `(i - 1) * stride + kernel - 2 * padding`, exactly PyTorch's
+  (output_padding 0, dilation 1). The kernel is stored HWIO with I the input
+  channels, i.e. PyTorch's `[in, out, kh, kw]` weight transposed (2, 3, 0, 1),
+  applied unflipped in PyTorch's scatter sense.
+  """
+  features: int
+  kernel: int
+  stride: int
+  padding: int = 0
+  use_bias: bool = True
+  kernel_init: Any = xavier_uniform
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, s, p = self.kernel, self.stride, self.padding
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    if k <= s:
+      y = _conv_transpose_disjoint(x.astype(self.dtype), kernel.astype(self.dtype), s, p)
+    else:
+      # Scatter form == gather form over the stride-dilated input with a
+      # spatially flipped kernel and (k - 1 - p) padding (negative pads crop).
+      q = k - 1 - p
+      y = jax.lax.conv_general_dilated(
+          x.astype(self.dtype), kernel[::-1, ::-1].astype(self.dtype), window_strides=(1, 1),
+          padding=((q, q), (q, q)), lhs_dilation=(s, s),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def _conv_transpose_disjoint(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+  """PyTorch ConvTranspose2d when kernel <= stride: the input cells' patches never overlap.
+
+  Every input cell writes its own k x k patch at (s*i, s*j), so the layer is
+  one matmul per cell plus a reshape. The general dilated-convolution form
+  would run a k x k convolution over the whole (mostly zero) s-times larger
+  grid: for DF-SSD's 38 -> 300 layer about 60x the work, and worse backward.
+  """
+  b, h, w, _ = x.shape
+  k = kernel.shape[0]
+  d = kernel.shape[-1]
+  patches = jnp.einsum('bhwc,ijcd->bhiwjd', x, kernel)
+  patches = jnp.pad(patches, ((0, 0), (0, 0), (0, stride - k), (0, 0), (0, stride - k), (0, 0)))
+  full = patches.reshape(b, h * stride, w * stride, d)
+  # The scatter form ends at (h - 1) * s + k; PyTorch then drops `padding` per side.
+  out_h = (h - 1) * stride + k - 2 * padding
+  out_w = (w - 1) * stride + k - 2 * padding
+  return full[:, padding:padding + out_h, padding:padding + out_w, :]
+
+
+class ConvBNReLU(nn.Module):
+  """Conv, then BatchNorm (when `batch_norm`), then ReLU (when `relu`).
+
+  With BatchNorm the conv has no bias (BN's own shift replaces it). BN uses
+  PyTorch's defaults (momentum 0.1, eps 1e-5) and averages its batch
+  statistics over `axis_name` when one is given (data-parallel training).
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int | None = None
+  dilation: int = 1
+  batch_norm: bool = True
+  relu: bool = True
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    x = conv2d(self.features, self.kernel, stride=self.stride, padding=self.padding,
+               dilation=self.dilation, use_bias=not self.batch_norm, dtype=self.dtype,
+               name='conv')(x)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       axis_name=self.axis_name, dtype=self.dtype, param_dtype=jnp.float32,
+                       name='bn')(x)
+    return nn.relu(x) if self.relu else x
+
+
+class L2Norm(nn.Module):
+  """ParseNet / SSD L2 normalisation over channels with a learned per-channel scale.
+
+  `scale * x / max(||x||_2, 1e-12)` (torchvision's `F.normalize`); the norm is
+  taken in float32 even under bfloat16 compute, where the sum of 512 squares
+  would lose most of its precision.
+  """
+  init_scale: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param('scale', nn.initializers.constant(self.init_scale), (x.shape[-1],),
+                       jnp.float32)
+    x32 = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
+    return (x32 / jnp.maximum(norm, 1e-12) * scale).astype(self.dtype)
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
+  return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
