@@ -275,3 +275,17 @@ def make_eval_batches(config, split: str | None = None, process_index: int = 0,
   ds = ds.batch(batch_size, drop_remainder=False)
   ds = ds.to_iter_dataset(_read_options(data_cfg, 1))
   return ds.mp_prefetch(_mp_options(data_cfg))
+
+
+def load_image_rgb(path: str) -> np.ndarray:
+  """Any image file -> uint8 [H, W, 3] RGB; a clear error naming the file otherwise."""
+  return records.decode_image(records.EncodedImage.read(path, path))
+
+
+def preprocess_for_inference(image: np.ndarray, config) -> np.ndarray:
+  """uint8 [H, W, 3] RGB -> the model's float32 [S, S, 3] input (evaluation ops only)."""
+  h, w = image.shape[:2]
+  example = records.make_example(image=image, boxes=np.zeros((0, 4), np.float32), labels=[],
+                                 ignore=[], image_id=-1, orig_size=(h, w), key='<inference>')
+  ops = augment.eval_ops(config.data, config.model.input_size)
+  return augment.apply(ops, example, None)['image']
