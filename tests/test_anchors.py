@@ -204,6 +204,7 @@ def test_missing_sizes_raise():
 
 def test_input_size_inference_refuses_inconsistent_configs():
   cfg = presets.ssd_model(400).anchors    # last map 3x3 with a 400 px step: 1200?
+  del cfg['input_size']                   # presets state it; inference is the fallback
   with pytest.raises(ValueError, match='input size'):
     anchor_lib.from_config(cfg)
   assert anchor_lib.from_config(cfg, 400).shape[0] == presets.anchor_count(cfg)
