@@ -19,13 +19,7 @@ from smallssd_jax import presets
 
 def get_config(arg=None):
   arg = presets.parse_arg(arg, runlocal=False)
-  config = presets.base_config(presets.ssd_model(300, num_classes=81))
-  config.data = presets.coco_data()
-  config.batch_size = 32
-  config.num_train_steps = 400_000
-  config.optim = presets.sgd(lr=1e-3, boundaries=(280_000, 360_000), warmup_steps=1000)
-  config.eval.metric = 'coco'
-  config.post.max_detections = 100   # the COCO protocol scores at most 100 per image
-  if arg.runlocal:
-    presets.runlocal(config)
-  return config
+  config = presets.paper_config(
+      presets.ssd_model(300, num_classes=81), presets.coco_data(), metric='coco',
+      batch_size=32, steps=400_000, boundaries=(280_000, 360_000))
+  return presets.runlocal(config) if arg.runlocal else config

@@ -21,12 +21,7 @@ from smallssd_jax import presets
 
 def get_config(arg=None):
   arg = presets.parse_arg(arg, runlocal=False)
-  config = presets.base_config(presets.ssd_model(512, num_classes=21))
-  config.data = presets.voc0712_data()
-  config.batch_size = 32
-  config.num_train_steps = 120_000
-  config.optim = presets.sgd(lr=1e-3, boundaries=(80_000, 100_000), warmup_steps=1000)
-  config.eval.metric = 'voc07'
-  if arg.runlocal:
-    presets.runlocal(config)
-  return config
+  config = presets.paper_config(
+      presets.ssd_model(512, num_classes=21), presets.voc0712_data(), metric='voc07',
+      batch_size=32, steps=120_000, boundaries=(80_000, 100_000))
+  return presets.runlocal(config) if arg.runlocal else config

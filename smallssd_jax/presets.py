@@ -407,3 +407,17 @@ def runlocal(config: ConfigDict, width: float = 0.125, steps: int = 20) -> Confi
     config.data.builtin.num_test = 16
     config.eval.metric = 'voc07'
   return config
+
+
+def paper_config(preset: ConfigDict, data_cfg: ConfigDict, *, metric: str, batch_size: int,
+                 steps: int, boundaries, warmup_steps: int = 1000) -> ConfigDict:
+  """A paper setting: the model preset, its data, and the SGD recipe (SPEC 3, 5)."""
+  config = base_config(preset)
+  config.data = data_cfg
+  config.batch_size = batch_size
+  config.num_train_steps = steps
+  config.optim = sgd(lr=1e-3, boundaries=boundaries, warmup_steps=warmup_steps)
+  config.eval.metric = metric
+  if metric == 'coco':
+    config.post.max_detections = 100   # the COCO protocol scores at most 100 per image
+  return config
