@@ -1,0 +1,58 @@
+"""Every config file loads, documents its command, and builds a consistent detector."""
+
+import pathlib
+
+import pytest
+
+from smallssd_jax import anchors as anchors_lib
+from smallssd_jax import models
+from smallssd_jax import presets
+from smallssd_jax.config_lib import load_config
+
+CONFIGS = sorted(p for p in (pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
+
+
+def test_there_are_configs_for_every_paper_setting():
+  names = {p.stem for p in CONFIGS}
+  for want in ('default', 'ssd300_voc0712', 'ssd512_voc0712', 'dfssd300_voc0712',
+               'dfssd512_voc0712', 'dfssd300_kitti', 'dfssd512_kitti', 'skipfpn320_voc0712',
+               'skipfpn512_voc0712', 'skipfpn320_coco', 'skipfpn512_coco'):
+    assert want in names
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_config_docstring_holds_its_command(path):
+  text = path.read_text()
+  assert f'--config=configs/{path.name}' in text
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_full_config_priors_match_the_model(path):
+  config = load_config(str(path))
+  priors = anchors_lib.from_config(config.anchors)
+  assert priors.shape[0] == presets.anchor_count(config.anchors)
+  module = models.build_detector(config.model, anchors_lib.anchors_per_location(config.anchors))
+  models.check_anchor_count(module, config.model, priors.shape[0])   # eval_shape only
+  assert config.model.num_classes >= 2
+  assert config.eval.metric in ('voc07', 'voc', 'coco', 'kitti')
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_runlocal_variant_is_small_and_self_contained(path):
+  config = load_config(f'{path}:runlocal')
+  assert config.model.width <= 0.125
+  assert config.num_train_steps <= 50
+  assert config.data.name == 'builtin_small'
+  assert config.model.num_classes == config.data.builtin.num_classes + 1
+
+
+def test_parse_arg():
+  arg = presets.parse_arg('ssd,runlocal,width=0.5', model='dfssd', runlocal=False, width=0.125)
+  assert (arg.model, arg.runlocal, arg.width) == ('ssd', True, 0.5)
+  with pytest.raises(ValueError, match='unknown'):
+    presets.parse_arg('depth=3', model='dfssd')
+
+
+def test_default_config_rejects_unknown_model():
+  with pytest.raises(ValueError, match='yolo'):
+    load_config(f'{CONFIGS[0].parent / "default.py"}:yolo')
