@@ -25,7 +25,7 @@ MODELS = {
 
 
 def get_config(arg=None):
-  arg = presets.parse_arg(arg, model='dfssd', runlocal=False, width=0.125, steps=1500, seed=0)
+  arg = presets.parse_arg(arg, model='dfssd', runlocal=False, width=0.125, steps=500, seed=0)
   if arg.model not in MODELS:
     raise ValueError(f'configs/default.py: model {arg.model!r} not in {sorted(MODELS)}')
   data = presets.data('builtin_small', max_boxes=48, eval_split='test')
@@ -39,12 +39,12 @@ def get_config(arg=None):
   config.model.width = arg.width
   config.seed = arg.seed
 
-  config.batch_size = 16
+  config.batch_size = 8
   config.num_train_steps = arg.steps
   config.optim = presets.sgd(lr=1e-2, boundaries=(int(arg.steps * 0.7), int(arg.steps * 0.9)),
-                             warmup_steps=min(200, arg.steps // 5))
+                             warmup_steps=min(100, arg.steps // 5))
   config.optim.grad_clip_norm = 10.0
-  config.log_every_steps = 50
+  config.log_every_steps = 25
   config.eval_every_steps = 0          # evaluate once, at the end
   config.checkpoint_every_steps = 500
   config.eval.metric = 'voc07'

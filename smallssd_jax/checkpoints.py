@@ -23,12 +23,18 @@ STATE_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'bad_step')
 
 
 def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  best_metric = lambda metrics: metrics['mAP']
+  # BestN sorts ascending and keeps the last n: reverse=False keeps the highest mAP.
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=config.keep_checkpoints),
-      checkpoint_managers.BestN(get_metric_fn=lambda m: m['mAP'], reverse=False, n=1,
+      checkpoint_managers.BestN(get_metric_fn=best_metric, reverse=False, n=1,
                                 keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+  # best_fn is what makes orbax write each step's metrics to disk; without it
+  # they live in memory only, and a resumed run would delete the best checkpoint
+  # of the runs before it. Deletion itself follows `policy` alone.
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=best_metric,
+                                         best_mode='max', create=True,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options,
@@ -64,21 +70,27 @@ def restore_state(manager: ocp.CheckpointManager, state, step: int | None = None
 
 
 def restore_variables(directory: str, state, step: int | None = None):
-  """Only params and batch statistics from another run (`init_from`, eval)."""
+  """Only params and batch statistics from another run (`init_from`, eval).
+
+  A partial restore: the other run's optimizer may differ from this one's
+  (another momentum, gradient clipping on or off), and only the model is read.
+  """
   directory = os.path.abspath(directory)
   if os.path.isdir(os.path.join(directory, 'checkpoints')):
     directory = os.path.join(directory, 'checkpoints')
-  manager = ocp.CheckpointManager(directory, item_handlers={'state': ocp.StandardCheckpointHandler()},
+  manager = ocp.CheckpointManager(directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   if step is None:
     step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f'no checkpoint found in {directory}')
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(state))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          {'params': state.params, 'batch_stats': state.batch_stats})
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True)))
   return state.replace(params=restored['state']['params'],
-                       batch_stats=restored['state']['batch_stats']), step
+                       batch_stats=restored['state'].get('batch_stats', state.batch_stats)), step
 
 
 def restore_or_initialize(manager: ocp.CheckpointManager, state, data_iterator,

@@ -160,7 +160,7 @@ def restore_for_inference(config, workdir):
   """Model + variables from `config.eval.checkpoint`, else the workdir's latest."""
   mesh = train_lib.make_mesh()
   detector = train_lib.build(config)
-  state = train_lib.create_train_state(detector, config, jax.random.key(config.seed), mesh)
+  state = train_lib.abstract_train_state(detector, config, mesh)
   source = config.eval.checkpoint or workdir
   state, step = ckpt_lib.restore_variables(source, state)
   return detector, state, step, mesh

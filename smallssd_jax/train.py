@@ -141,9 +141,19 @@ def init_variables(detector: Detector, config: ml_collections.ConfigDict, rng: j
   return detector.module.init(rng, images, train=False)
 
 
-def create_train_state(detector: Detector, config: ml_collections.ConfigDict, rng: jax.Array,
-                       mesh: jax.sharding.Mesh) -> TrainState:
-  """Shapes first (`eval_shape`), then one jit that writes replicated arrays."""
+def init_rng(seed: int) -> jax.Array:
+  """The key that initialises the parameters (and only that).
+
+  XLA's RngBitGenerator ('rbg') rather than JAX's default threefry: threefry's
+  hash is inlined once per parameter tensor, and XLA's CPU compiler then takes
+  over a minute to compile the init of even a tiny detector; 'rbg' compiles in
+  seconds. Deterministic for a seed on a given backend (not bit-equal across
+  CPU / GPU / TPU, which a random init does not need).
+  """
+  return jax.random.key(seed, impl='rbg')
+
+
+def _state_initializer(detector: Detector, config: ml_collections.ConfigDict) -> Callable:
   tx = make_optimizer(config.optim)
 
   def init(rng):
@@ -153,9 +163,28 @@ def create_train_state(detector: Detector, config: ml_collections.ConfigDict, rn
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=tx.init(params), bad_step=jnp.full((), -1, jnp.int32), tx=tx)
 
+  return init
+
+
+def create_train_state(detector: Detector, config: ml_collections.ConfigDict, rng: jax.Array,
+                       mesh: jax.sharding.Mesh) -> TrainState:
+  """Shapes first (`eval_shape`), then one jit that writes replicated arrays."""
+  init = _state_initializer(detector, config)
   abstract = jax.eval_shape(init, rng)
   shardings = jax.tree.map(lambda _: replicated(mesh), abstract)
   return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def abstract_train_state(detector: Detector, config: ml_collections.ConfigDict,
+                         mesh: jax.sharding.Mesh) -> TrainState:
+  """The state's shapes, dtypes and (replicated) shardings, computing nothing.
+
+  A restore target for evaluation and detection, which would otherwise compile
+  and run a random initialisation only to overwrite it.
+  """
+  abstract = jax.eval_shape(_state_initializer(detector, config), init_rng(config.seed))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
+                      abstract)
 
 
 # ------------------------------------------------------------------ step ---
@@ -183,7 +212,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   del rng  # The detectors are deterministic; augmentation runs in the input pipeline.
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, detector, loss_cfg), has_aux=True)
   (loss, (metrics, new_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
 
@@ -234,7 +263,10 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning('Signal %d received: saving a checkpoint and stopping.', signum)
+    if self.requested:  # a second Ctrl-C / SIGTERM: stop now, without the checkpoint
+      raise KeyboardInterrupt
+    logging.warning('Signal %d received: saving a checkpoint and stopping '
+                    '(send it again to stop at once).', signum)
     self.requested = True
 
   def __exit__(self, *exc):
@@ -266,8 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Model and state.
   detector = build(config)
-  rng = jax.random.key(config.seed)
-  state = create_train_state(detector, config, rng, mesh)
+  state = create_train_state(detector, config, init_rng(config.seed), mesh)
   step_fn = jit_train_step(detector, config, mesh, state)
 
   # Checkpoint: the workdir's latest, else config.init_from, else scratch.
@@ -290,8 +321,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def check_finite():
     bad = int(state.bad_step)
     if bad >= 0:
+      # state.bad_step counts the updates done before the bad one; the log rows
+      # and checkpoints count the updates done, so the bad step is bad + 1.
       raise NonFiniteLossError(
-          f'non-finite loss or gradient at step {bad}; the run stopped there and the last '
+          f'non-finite loss or gradient at step {bad + 1}; the run stopped there and the last '
           f'good checkpoint in {workdir} was left as it was (lower optim.lr, set '
           f'optim.warmup_steps or optim.grad_clip_norm)')
 
