@@ -25,7 +25,7 @@ MODELS = {
 
 
 def get_config(arg=None):
-  arg = presets.parse_arg(arg, model='dfssd', runlocal=False, width=0.125, steps=500, seed=0)
+  arg = presets.parse_arg(arg, model='dfssd', runlocal=False, width=0.125, steps=400, seed=0)
   if arg.model not in MODELS:
     raise ValueError(f'configs/default.py: model {arg.model!r} not in {sorted(MODELS)}')
   data = presets.data('builtin_small', max_boxes=48, eval_split='test')
@@ -33,7 +33,7 @@ def get_config(arg=None):
   config = presets.base_config(MODELS[arg.model](data.builtin.num_classes + 1))
   config.data = data
   config.data.builtin.image_size = config.model.input_size
-  config.data.builtin.num_test = 200
+  config.data.builtin.num_test = 150
   config.data.augment = ['photometric', 'zoom_out', 'min_iou_crop', 'flip']
   config.data.zoom_out_max = 2.0      # objects are already small; 4x would shrink them to nothing
   config.model.width = arg.width

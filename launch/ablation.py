@@ -48,6 +48,8 @@ def parse_args(argv=None):
   p.add_argument('--workdir', default='runs/ablation')
   p.add_argument('--out', default='docs/results.md')
   p.add_argument('--dry-run', action='store_true', help='print the commands only')
+  p.add_argument('--report-only', action='store_true',
+                 help='write the report from the runs that have finished; train nothing')
   return p.parse_args(argv)
 
 
@@ -187,6 +189,10 @@ def main(argv=None):
           print(' '.join(shlex.quote(c) for c in cmd))
           continue
         result = final_results(workdir)
+        if args.report_only:
+          if result is not None and result['step'] >= args.steps:
+            runs[name].append(result)
+          continue
         if result is None or result['step'] < args.steps:
           t0 = time.perf_counter()
           subprocess.run(cmd, check=True, cwd=REPO)
@@ -195,7 +201,8 @@ def main(argv=None):
         if result is None:
           raise RuntimeError(f'{workdir}: the run finished without evaluation results')
         runs[name].append(result)
-  if not args.dry_run:
+  runs = {k: v for k, v in runs.items() if v}
+  if not args.dry_run and runs:
     write_report(args, runs, {k: v[0][1] for k, v in commands.items()}, seconds)
 
 
