@@ -28,7 +28,8 @@ def per_location(anchor_cfg):
   if anchor_cfg.style == 'ssd':
     return [2 + 2 * len(r) for r in anchor_cfg.aspect_ratios]
   if anchor_cfg.style == 'dfssd':
-    return list(anchor_cfg.anchors_per_location)
+    # SPEC 4: six priors per cell, nine on the first map (the half-scale extras).
+    return [9 if k == 0 else 6 for k in range(len(anchor_cfg.feature_maps))]
   return [len(anchor_cfg.aspect_ratios)] * len(anchor_cfg.feature_maps)
 
 
