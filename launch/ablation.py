@@ -109,8 +109,8 @@ def write_report(args, runs: dict, first_workdirs: dict, seconds: dict) -> None:
   for name in names:
     rs = runs[name]
     cells = [mean_spread([r['results'].get(k) for r in rs]) for k in keys]
-    minutes = statistics.mean(seconds[name]) / 60 if seconds[name] else float('nan')
-    lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {minutes:.1f} |')
+    minutes = f'{statistics.mean(seconds[name]) / 60:.1f}' if seconds[name] else '-'
+    lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {minutes} |')
   # Per-class AP (mean over seeds).
   class_keys = sorted({k for rs in runs.values() for r in rs for k in r['results']
                        if k.startswith('AP/') and not k[3:].isdigit()})
