@@ -32,6 +32,9 @@ for v in CONFIG WORKDIR; do
   if [[ -z "${!v}" ]]; then echo "slurm_gpu.sh: --${v,,} is required" >&2; exit 2; fi
 done
 
+# The job's shell commands, each argument quoted for the shell that runs the script.
+train_cmd=$(printf '%q ' python -m smallssd_jax.main --config="$CONFIG" --workdir="$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"})
+
 script=$(cat <<SBATCH
 #!/usr/bin/env bash
 #SBATCH --job-name=smallssd
@@ -43,11 +46,11 @@ script=$(cat <<SBATCH
 #SBATCH --output=$WORKDIR/slurm-%j.out
 ${PARTITION:+#SBATCH --partition=$PARTITION}
 set -euo pipefail
-mkdir -p $WORKDIR
-source $VENV/bin/activate
+mkdir -p $(printf '%q' "$WORKDIR")
+source $(printf '%q' "$VENV")/bin/activate
 # One GPU per task; JAX discovers the job through the SLURM variables.
 srun --gpus-per-task=1 --kill-on-bad-exit=1 \\
-  python -m smallssd_jax.main --config=$CONFIG --workdir=$WORKDIR ${EXTRA[*]:-}
+  $train_cmd
 SBATCH
 )
 
@@ -55,6 +58,8 @@ if [[ $DRY_RUN == 1 ]]; then
   echo "$script"
   echo "# submit with: sbatch <the script above>"
 else
+  # SLURM opens --output before the job runs: its folder must exist at submission.
+  mkdir -p "$WORKDIR"
   tmp=$(mktemp --suffix=.sbatch)
   echo "$script" > "$tmp"
   sbatch "$tmp"

@@ -44,8 +44,9 @@ gcloud_ssh=(gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all)
 
 setup_cmd="set -e; if [ -d $REPO_DIR ]; then git -C $REPO_DIR pull --ff-only; else git clone $REPO_URL $REPO_DIR; fi; \
 cd $REPO_DIR && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . 'jax[tpu]'"
-train_cmd="cd $REPO_DIR && . .venv/bin/activate && ${TFDS_DATA_DIR:+TFDS_DATA_DIR=$TFDS_DATA_DIR }\
-python -m smallssd_jax.main --config=$CONFIG --workdir=$WORKDIR ${EXTRA[*]:-}"
+# The remote shell runs this string: quote each argument for it.
+main_cmd=$(printf '%q ' python -m smallssd_jax.main --config="$CONFIG" --workdir="$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"})
+train_cmd="cd $REPO_DIR && . .venv/bin/activate && ${TFDS_DATA_DIR:+TFDS_DATA_DIR=$(printf '%q' "$TFDS_DATA_DIR") }$main_cmd"
 
 run() {
   if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi

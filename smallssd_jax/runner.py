@@ -26,8 +26,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
   Explicit arguments (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
   JAX_PROCESS_ID) win; otherwise SLURM and multi-host TPU VMs are detected by
-  JAX itself. A single process on one machine starts nothing.
+  JAX itself. A single process on one machine starts nothing, and a second
+  call (a second `run` in the same processes) does nothing.
   """
+  if jax.distributed.is_initialized():
+    return
   coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   if num_processes is None and 'JAX_NUM_PROCESSES' in os.environ:
     num_processes = int(os.environ['JAX_NUM_PROCESSES'])

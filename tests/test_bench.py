@@ -1,0 +1,85 @@
+"""`python -m smallssd_jax.bench` runs end to end on the tiny config (no timing is checked)."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bench_smoke(tmp_path):
+  out = tmp_path / 'bench.json'
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}
+  # Faster compiles: this checks that the tool works, not how fast anything is.
+  env.update(JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true')
+  result = subprocess.run(
+      [sys.executable, '-m', 'smallssd_jax.bench', '--config=configs/default.py:runlocal',
+       '--batch', '2', '--steps', '2', '--warmup', '0', '--compare-torchvision', f'--json={out}'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+  results = json.loads(out.read_text())
+  assert results['batch'] == 2 and results['steps'] == 2
+  assert results['model']['name'] == 'dfssd' and results['num_params'] > 0
+  measured = ('gflops_per_image', 'train_gflops_per_image', 'compile_seconds_inference',
+              'compile_seconds_train', 'inference_images_per_sec', 'train_images_per_sec',
+              'peak_memory_bytes', 'data_images_per_sec')
+  for key in measured:
+    entry = results[key]
+    assert entry['value'] > 0 and entry['device'], key
+  assert 'cpu' in results['inference_images_per_sec']['device']
+  assert results['peak_memory_bytes']['source'].startswith('process max RSS')
+  # The backward pass costs more than the forward.
+  assert results['train_gflops_per_image']['value'] > results['gflops_per_image']['value']
+
+  for label in ('GFLOPs per image (forward)', 'compile: train step (s)', 'inference (images/s)',
+                'training (images/s)', 'peak memory (MiB)', 'data pipeline (images/s)'):
+    assert label in result.stdout
+  tv = results['torchvision']
+  if importlib.util.find_spec('torch') is None or importlib.util.find_spec('torchvision') is None:
+    assert tv == {'available': False, 'reason': tv['reason']} and 'not installed' in tv['reason']
+    assert 'not installed' in result.stdout
+  else:
+    assert tv['available'] and set(results['ratios']) == {'inference_images_per_sec',
+                                                           'train_images_per_sec'}
+
+
+def test_synthetic_batch_has_the_pipeline_shapes():
+  from smallssd_jax import bench  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.datasets import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = load_config(str(REPO / 'configs' / 'default.py') + ':runlocal')
+  cfg.data.augment = []
+  real = next(pipeline.make_train_iterator(cfg))
+  fake = bench.synthetic_batch(cfg)
+  assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {
+      k: (v.shape, v.dtype) for k, v in real.items()}
+  boxes = fake['boxes'][fake['mask']]
+  assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes >= 0).all() and (boxes <= 1).all()
+  labels = fake['labels'][fake['mask']]
+  assert labels.min() >= 1 and labels.max() < cfg.model.num_classes
+
+
+def test_report_shows_skipped_data_and_torchvision_ratios():
+  from smallssd_jax import bench  # pylint: disable=g-import-not-at-top
+  entry = {'value': 2.0, 'device': '1x cpu:cpu'}
+  results = {
+      'config': 'configs/ssd300_voc0712.py', 'batch': 8, 'steps': 10, 'warmup': 2,
+      'num_params': 26_285_486, 'data': 'synthetic', 'weights': 'random init', 'backend': 'cpu',
+      'model': {'name': 'ssd', 'backbone': 'vgg16_ssd', 'neck': 'none', 'head': 'ssd',
+                'input_size': 300, 'width': 1.0, 'dtype': 'float32', 'num_classes': 21},
+      **{key: dict(entry) for key, _, _ in bench.ROWS},
+      'torchvision': {'available': True, 'model': 'torchvision ssd300_vgg16',
+                      'inference_images_per_sec': {'value': 4.0, 'device': 'torch cpu'},
+                      'train_images_per_sec': {'value': 1.0, 'device': 'torch cpu'}},
+      'ratios': {'inference_images_per_sec': 0.5, 'train_images_per_sec': 2.0},
+  }
+  results['data_images_per_sec'] = {'value': None, 'device': 'not measured (--synthetic)'}
+  report = bench.format_report(results)
+  assert 'skipped  not measured (--synthetic)' in report
+  assert 'ours / torchvision = 0.50' in report and 'ours / torchvision = 2.00' in report
+  assert 'not the same network' not in report      # SSD300 at width 1 against SSD300
