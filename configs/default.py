@@ -50,6 +50,7 @@ def get_config(arg=None):
   config.eval.metric = 'voc07'
   config.eval.batch_size = 16
   config.detect.max_images = 4
+  config.detect.score_threshold = 0.15   # a short run's scores are low; draw what it finds
 
   if arg.runlocal:
     presets.runlocal(config, width=arg.width / 2, steps=6)
