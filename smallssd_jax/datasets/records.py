@@ -23,6 +23,7 @@ reason; the pipeline turns it into an error or a counted, logged skip
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import io
 import os
@@ -226,7 +227,7 @@ def make_example(*, image: EncodedImage | np.ndarray, boxes: np.ndarray,
   }
 
 
-class Source:
+class Source(abc.ABC):
   """Base of all sources: random access to examples (see the module docstring).
 
   Subclasses set `class_names` (label k is `class_names[k - 1]`) and
@@ -235,12 +236,13 @@ class Source:
 
   class_names: tuple[str, ...] = ()
 
+  @abc.abstractmethod
   def __len__(self) -> int:
-    raise NotImplementedError
+    """Number of examples."""
 
+  @abc.abstractmethod
   def record(self, index: int) -> Example:
     """The example with `image` possibly still encoded; may raise BadExampleError."""
-    raise NotImplementedError
 
   def __getitem__(self, index: int) -> Example:
     """The example with `image` decoded to uint8 [H, W, 3] RGB."""
