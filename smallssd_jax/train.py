@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import signal
 import time
@@ -364,10 +363,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   progress.close()
   writer.close()
   return eval_results
-
-
-def summarize_params(params: PyTree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
 
 def dump_config(config: ml_collections.ConfigDict, workdir: str) -> None:
