@@ -9,9 +9,11 @@ installed, the last test compares against torchvision itself.
 """
 
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
@@ -294,12 +296,9 @@ def test_load_pretrained_detects_the_format_and_reports(tmp_path):
     weights.load_pretrained({'conv.weight': np.zeros(3)}, ssd)
 
 
-def test_pth_without_torch_says_how_to_get_it(tmp_path):
-  try:
-    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    pytest.skip('torch is installed')
-  except ImportError:
-    pass
+def test_pth_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
+  # A None entry makes `import torch` raise ImportError whether or not torch is installed.
+  monkeypatch.setitem(sys.modules, 'torch', None)
   with pytest.raises(ImportError, match=r'smallssd-jax\[convert\]'):
     weights.read_state_dict(tmp_path / 'vgg16.pth')
 
