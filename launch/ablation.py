@@ -6,7 +6,7 @@ built-in small-object dataset by default; then a table of AP / APs / APm / APl
 size, and one test image with each model's detections, written to
 `docs/results.md` (or --out).
 
-  python launch/ablation.py --models=ssd,dfssd,skipfpn --seeds=0,1,2 --steps=1500 \
+  python launch/ablation.py --models=ssd,dfssd,skipfpn --seeds=0,1,2 --steps=200 \
       --width=0.125 --workdir=runs/ablation
 
 Sweep any config switch instead of (or as well as) the model:
@@ -39,7 +39,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--models', default='ssd,dfssd,skipfpn')
   p.add_argument('--seeds', default='0,1,2')
-  p.add_argument('--steps', type=int, default=1500)
+  p.add_argument('--steps', type=int, default=200)
   p.add_argument('--width', type=float, default=0.125)
   p.add_argument('--config', default='configs/default.py')
   p.add_argument('--sweep', action='append', default=[],
@@ -103,7 +103,7 @@ def write_report(args, runs: dict, first_workdirs: dict, seconds: dict) -> None:
       f'config `{args.config}`; VOC07 11-point AP at IoU 0.5, AP by COCO size bucket '
       '(small < 32², medium < 96² pixels). Mean ± standard deviation over seeds, in points.', '',
       'Command:', '', '```', 'python ' + ' '.join(shlex.quote(a) for a in sys.argv), '```', '',
-      '| model | ' + ' | '.join(keys) + ' | train minutes (mean) |',
+      '| model | ' + ' | '.join(keys) + ' | minutes per run (train + eval) |',
       '|---|' + '---|' * (len(keys) + 1),
   ]
   for name in names:
@@ -172,38 +172,48 @@ def write_report(args, runs: dict, first_workdirs: dict, seconds: dict) -> None:
   print(f'wrote {out} and {fig_path}')
 
 
+def run_seconds(workdir: str) -> float | None:
+  path = pathlib.Path(workdir, 'ablation_seconds.json')
+  return json.loads(path.read_text())['seconds'] if path.exists() else None
+
+
 def main(argv=None):
   args = parse_args(argv)
-  runs, commands, seconds = {}, {}, {}
+  seeds = [int(s) for s in args.seeds.split(',')]
+  names = {}
   for model in args.models.split(','):
     for vname, flags in variants(args):
-      name = model + (f' [{vname}]' if vname else '')
-      runs[name], commands[name], seconds[name] = [], [], []
-      for seed in [int(s) for s in args.seeds.split(',')]:
-        tag = (model + ('_' + vname.replace('=', '-').replace(',', '_') if vname else '')
-               + f'_seed{seed}')
-        workdir = os.path.join(args.workdir, tag)
-        cmd = command(args, model, seed, flags, workdir)
-        commands[name].append((cmd, workdir))
-        if args.dry_run:
-          print(' '.join(shlex.quote(c) for c in cmd))
-          continue
+      names[model + (f' [{vname}]' if vname else '')] = (model, vname, flags)
+  runs = {name: [] for name in names}
+  seconds = {name: [] for name in names}
+  first_workdirs = {}
+  # Seed-major order: an interrupted sweep still has every model at the first seeds.
+  for seed in seeds:
+    for name, (model, vname, flags) in names.items():
+      tag = (model + ('_' + vname.replace('=', '-').replace(',', '_') if vname else '')
+             + f'_seed{seed}')
+      workdir = os.path.join(args.workdir, tag)
+      first_workdirs.setdefault(name, workdir)
+      cmd = command(args, model, seed, flags, workdir)
+      if args.dry_run:
+        print(' '.join(shlex.quote(c) for c in cmd))
+        continue
+      result = final_results(workdir)
+      if not args.report_only and (result is None or result['step'] < args.steps):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=REPO)
+        pathlib.Path(workdir, 'ablation_seconds.json').write_text(
+            json.dumps({'seconds': time.perf_counter() - t0}))
         result = final_results(workdir)
-        if args.report_only:
-          if result is not None and result['step'] >= args.steps:
-            runs[name].append(result)
-          continue
-        if result is None or result['step'] < args.steps:
-          t0 = time.perf_counter()
-          subprocess.run(cmd, check=True, cwd=REPO)
-          seconds[name].append(time.perf_counter() - t0)
-          result = final_results(workdir)
         if result is None:
           raise RuntimeError(f'{workdir}: the run finished without evaluation results')
+      if result is not None and result['step'] >= args.steps:
         runs[name].append(result)
+        if run_seconds(workdir) is not None:
+          seconds[name].append(run_seconds(workdir))
   runs = {k: v for k, v in runs.items() if v}
   if not args.dry_run and runs:
-    write_report(args, runs, {k: v[0][1] for k, v in commands.items()}, seconds)
+    write_report(args, runs, first_workdirs, seconds)
 
 
 if __name__ == '__main__':

@@ -89,9 +89,11 @@ def ssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
       width=1.0,
       dtype='float32',
       l2norm_scales={'conv4_3': 20.0},
-      # BatchNorm in the neck's layers; the VGG16 backbone and the SSD extra
-      # layers never have any (the pretrained weights they start from have none).
+      # BatchNorm in the neck's layers.
       batch_norm=False,
+      # BatchNorm in the VGG16 backbone and extra layers: for training from
+      # scratch (ScratchDet); the pretrained VGG16 weights have none.
+      backbone_batch_norm=False,
   ))
   anchors = ConfigDict(dict(
       style='ssd',
@@ -169,6 +171,7 @@ def skipfpn_model(input_size: int = 320, num_classes: int = 21) -> ConfigDict:
       dtype='float32',
       l2norm_scales={'conv4_3': 10.0, 'conv5_3': 8.0},
       batch_norm=True,
+      backbone_batch_norm=False,
       skipfpn=ConfigDict(dict(
           channels=256,
           skip_depth=2,               # D: 2 as drawn in the paper, 3 connects all

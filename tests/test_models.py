@@ -174,6 +174,32 @@ def test_dfssd_options_by_shape():
   assert params['fused']['fusion_weights'].shape == (5,)
 
 
+def test_backbone_batch_norm_replaces_every_bias_with_bn():
+  preset = presets.ssd_model(300)
+  plain = models.abstract_variables(build(preset, width=1 / 16))
+  module = build(presets.ssd_model(300), width=1 / 16, backbone_batch_norm=True)
+  variables = models.abstract_variables(module)
+  convs = plain['params']['backbone']
+  with_bn = variables['params']['backbone']
+  assert set(with_bn) == set(convs)
+  out_channels = 0
+  for name, layer in convs.items():
+    if name.startswith('l2norm'):
+      continue
+    channels = layer['bias'].shape[0]
+    out_channels += channels
+    assert set(with_bn[name]) == {'conv', 'bn'}, name
+    assert set(with_bn[name]['conv']) == {'kernel'}, name
+    assert with_bn[name]['conv']['kernel'].shape == layer['kernel'].shape, name
+    assert with_bn[name]['bn']['scale'].shape == (channels,), name
+    assert variables['batch_stats']['backbone'][name]['bn']['mean'].shape == (channels,), name
+  # 13 VGG convs, fc6, fc7 and the eight SSD300 extra convs.
+  assert len(variables['batch_stats']['backbone']) == 23
+  # A bias per channel becomes a BN scale and shift per channel.
+  assert (models.count_params(variables['params'])
+          == models.count_params(plain['params']) + out_channels)
+
+
 def test_skipfpn_odd_input_size_and_full_skip_depth():
   # 300 -> 38, 19, 9, 5: the 2x / 4x / 8x upsampled maps are cropped or padded.
   preset = presets.skipfpn_model(300)
@@ -207,6 +233,7 @@ def test_configuration_errors_are_clear():
 TINY = [
     # (id, preset, input size, extra settings)
     ('ssd300', lambda: presets.ssd_model(300), 300, {}),
+    ('ssd300_backbone_bn', lambda: presets.ssd_model(300), 300, {'backbone_batch_norm': True}),
     ('dfssd300', lambda: presets.dfssd_model(300), 300, {'fusion': 'learned', 'pool': 'max'}),
     # An odd size exercises the crop / pad of the upsampled maps (25, 12, 6, 3).
     ('skipfpn', lambda: presets.skipfpn_model(320), 200, {'grf_levels': [0]}),
@@ -216,6 +243,9 @@ TINY = [
 @pytest.mark.parametrize('make,size,options', [t[1:] for t in TINY], ids=[t[0] for t in TINY])
 def test_tiny_forward_backward(make, size, options):
   preset = make()
+  options = dict(options)
+  if 'backbone_batch_norm' in options:
+    preset.model.backbone_batch_norm = options.pop('backbone_batch_norm')
   neck_options = preset.model.get(preset.model.neck)
   if neck_options is not None:
     neck_options.update(options)

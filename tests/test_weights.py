@@ -294,6 +294,10 @@ def test_load_pretrained_detects_the_format_and_reports(tmp_path):
   assert 'torchvision vgg16' in report
   with pytest.raises(ValueError, match='unrecognised state dict'):
     weights.load_pretrained({'conv.weight': np.zeros(3)}, ssd)
+  bn_model = presets.ssd_model(300).model
+  bn_model.backbone_batch_norm = True
+  with pytest.raises(ValueError, match=r"'.*weights\.npz'.*backbone_batch_norm=True.*no BatchNorm"):
+    weights.load_pretrained(path, ssd, bn_model)
 
 
 def test_pth_without_torch_says_how_to_get_it(tmp_path, monkeypatch):

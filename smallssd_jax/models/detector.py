@@ -74,6 +74,8 @@ def _vgg16(variant: str, cfg: ConfigDict, common: Common) -> nn.Module:
       extras=cfg.get('extras', default_extras),
       width=common.width,
       l2norm_scales=tuple((str(k), float(v)) for k, v in cfg.get('l2norm_scales', {}).items()),
+      batch_norm=cfg.get('backbone_batch_norm', False),
+      axis_name=common.axis_name,
       dtype=common.dtype)
 
 

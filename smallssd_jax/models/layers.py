@@ -10,7 +10,7 @@ All layers take and return NHWC arrays.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -253,14 +253,15 @@ class ConvBNReLU(nn.Module):
   dilation: int = 1
   batch_norm: bool = True
   relu: bool = True
+  kernel_init: Callable = xavier_uniform
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     x = conv2d(self.features, self.kernel, stride=self.stride, padding=self.padding,
-               dilation=self.dilation, use_bias=not self.batch_norm, dtype=self.dtype,
-               name='conv')(x)
+               dilation=self.dilation, use_bias=not self.batch_norm,
+               kernel_init=self.kernel_init, dtype=self.dtype, name='conv')(x)
     if self.batch_norm:
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        axis_name=self.axis_name, dtype=self.dtype, param_dtype=jnp.float32,

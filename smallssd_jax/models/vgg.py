@@ -81,23 +81,35 @@ class VGG16(nn.Module):
     extras: key of `EXTRA_LAYERS` ('ssd300' | 'ssd512' | 'refinedet' | 'none').
     width: channel multiplier (`layers.scaled_channels`), 1.0 for the papers.
     l2norm_scales: `((map name, initial scale), ...)`, e.g. `(('conv4_3', 20.0),)`.
+    batch_norm: BatchNorm after every conv of the backbone and the extra
+      layers (ScratchDet's remedy for training SSD from scratch); the
+      pretrained VGG16 weights have none, so it is for from-scratch runs.
+    axis_name: mesh axis the BatchNorm statistics are averaged over.
     dtype: compute dtype; parameters stay float32.
   """
   variant: str = 'ssd'
   extras: str = 'ssd300'
   width: float = 1.0
   l2norm_scales: Sequence[tuple[str, float]] = ()
+  batch_norm: bool = False
+  axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> dict[str, Array]:
-    del train  # no BatchNorm or dropout in the backbone
     if self.variant not in VARIANTS:
       raise ValueError(f'unknown VGG16 variant {self.variant!r}; known: {sorted(VARIANTS)}')
     if self.extras not in EXTRA_LAYERS:
       raise ValueError(f'unknown extra layers {self.extras!r}; known: {sorted(EXTRA_LAYERS)}')
     ch = lambda c: layers.scaled_channels(c, self.width)
-    conv = lambda c, k, **kw: layers.conv2d(ch(c), k, dtype=self.dtype, **kw)
+
+    def conv_relu(x, c, k, *, name, kernel_init=layers.xavier_uniform, **kw):
+      if self.batch_norm:
+        return layers.ConvBNReLU(ch(c), k, kernel_init=kernel_init, axis_name=self.axis_name,
+                                 dtype=self.dtype, name=name, **kw)(x, train)
+      return nn.relu(layers.conv2d(ch(c), k, kernel_init=kernel_init, dtype=self.dtype,
+                                   name=name, **kw)(x))
+
     l2norm_scales = dict(self.l2norm_scales)
     unknown = set(l2norm_scales) - {'conv4_3', 'conv5_3', 'fc7'}
     if unknown:
@@ -114,7 +126,7 @@ class VGG16(nn.Module):
     x = images.astype(self.dtype)
     for block, convs in enumerate(VGG16_BLOCKS):
       for name, channels in convs:
-        x = nn.relu(conv(channels, 3, padding=1, kernel_init=layers.he_fan_out, name=name)(x))
+        x = conv_relu(x, channels, 3, padding=1, kernel_init=layers.he_fan_out, name=name)
       if block == 2:
         # pool3 in ceil mode: 75 -> 38 at 300 (Caffe's pooling always rounds up).
         x = layers.max_pool2d(x, 2, 2, ceil_mode=True)
@@ -126,11 +138,11 @@ class VGG16(nn.Module):
     source('conv5_3', x)
     x = layers.max_pool2d(x, *spec['pool5'])
     dilation = spec['fc6_dilation']
-    x = nn.relu(conv(1024, 3, padding=dilation, dilation=dilation, name='fc6')(x))
-    x = nn.relu(conv(1024, 1, padding=0, name='fc7')(x))
+    x = conv_relu(x, 1024, 3, padding=dilation, dilation=dilation, name='fc6')
+    x = conv_relu(x, 1024, 1, padding=0, name='fc7')
     source('fc7', x)
     for name, channels, kernel, stride, padding in EXTRA_LAYERS[self.extras]:
-      x = nn.relu(conv(channels, kernel, stride=stride, padding=padding, name=name)(x))
+      x = conv_relu(x, channels, kernel, stride=stride, padding=padding, name=name)
       if name.endswith('_2'):
         features[name] = x
     return features
