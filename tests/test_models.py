@@ -369,6 +369,56 @@ def test_scaled_channels():
   assert layers.scaled_channels(256, 0.3) == 80
 
 
+@pytest.mark.parametrize('shape', [(2, 5, 7, 3), (4, 1, 1, 16), (3, 8)])
+def test_channel_sum_is_the_sum_over_leading_axes(shape):
+  x = np.random.RandomState(0).randn(*shape).astype(np.float32)
+  got = jax.jit(layers.channel_sum)(jnp.asarray(x))
+  np.testing.assert_allclose(got, x.astype(np.float64).reshape(-1, shape[-1]).sum(0),
+                             rtol=1e-5, atol=1e-5)
+
+
+def _random_like(tree, seed):
+  rs = np.random.RandomState(seed)
+  return jax.tree.map(lambda a: jnp.asarray(rs.rand(*a.shape).astype(np.float32) + 0.5), tree)
+
+
+@pytest.mark.parametrize('stride,padding,dilation', [(1, 1, 1), (2, 0, 1), (1, 4, 2)])
+def test_conv_matches_flax_conv_forward_and_gradients(stride, padding, dilation):
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 9, 11, 5).astype(np.float32))
+  ours = layers.conv2d(7, 3, stride=stride, padding=padding, dilation=dilation)
+  ref = nn.Conv(7, (3, 3), strides=(stride, stride), padding=((padding, padding),) * 2,
+                kernel_dilation=(dilation, dilation))
+  variables = _random_like(ref.init(jax.random.key(0), x), 1)
+  assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+
+  def value_and_grads(module):
+    loss = lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)) * jnp.arange(7.0))
+    return jax.value_and_grad(loss, argnums=(0, 1))(variables, x)
+
+  for got, want in zip(jax.tree.leaves(value_and_grads(ours)), jax.tree.leaves(value_and_grads(ref))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_batch_norm_matches_flax_batch_norm(train):
+  x = jnp.asarray(np.random.RandomState(0).randn(4, 5, 6, 3).astype(np.float32) * 3 + 1)
+  ours = layers.BatchNorm(use_running_average=not train)
+  ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+  variables = ref.init(jax.random.key(0), x)
+  assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+  variables = {'params': _random_like(variables['params'], 1),
+               'batch_stats': _random_like(variables['batch_stats'], 2)}
+
+  def value_and_grads(module):
+    def loss(v, x):
+      y, updates = module.apply(v, x, mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(y) * jnp.arange(3.0)), updates
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables, x)
+
+  for got, want in zip(jax.tree.leaves(value_and_grads(ours)), jax.tree.leaves(value_and_grads(ref))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_batch_norm_averages_statistics_over_the_axis():
   x = np.random.RandomState(0).randn(4, 3, 3, 2).astype(np.float32)
   joint = layers.ConvBNReLU(8, 1)

@@ -39,19 +39,125 @@ def scaled_channels(channels: int, width: float) -> int:
   return max(8, int(round(channels * width / 8.0)) * 8)
 
 
+# --------------------------------------------- per-channel sums on the CPU ---
+#
+# XLA's CPU backend reduces the leading axes of an NHWC map (a bias gradient,
+# BatchNorm statistics) with a strided loop that runs about 8x slower than the
+# same sum written as a matrix-vector product with a vector of ones (measured:
+# 535 vs 69 ms for [4, 300, 300, 64]); in a VGG16-SSD300 train step those sums
+# took a quarter of the time. Other backends keep the plain reduction.
+
+
+def _ones_matvec(x: Array) -> Array:
+  flat = x.reshape(-1, x.shape[-1])
+  ones = jnp.ones((flat.shape[0],), flat.dtype)
+  return jnp.matmul(ones, flat, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def channel_sum(x: Array) -> Array:
+  """`x.sum(axis=all but the last)`, as a GEMV on the CPU and a reduction elsewhere."""
+  return jax.lax.platform_dependent(
+      x, cpu=_ones_matvec,
+      default=lambda v: jnp.sum(v, axis=tuple(range(v.ndim - 1)), dtype=jnp.float32).astype(v.dtype))
+
+
+@jax.custom_vjp
+def add_bias(x: Array, bias: Array) -> Array:
+  """`x + bias` over the last axis, whose bias gradient is a `channel_sum`."""
+  return x + bias
+
+
+def _add_bias_fwd(x, bias):
+  return x + bias, None
+
+
+def _add_bias_bwd(_, g):
+  return g, channel_sum(g)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Conv(nn.Module):
+  """A square NHWC convolution with explicit symmetric padding; `nn.Conv`'s parameters.
+
+  The same `kernel` (HWIO) and `bias` as `nn.Conv`, so converted weights and
+  checkpoints are unchanged; the bias is added by `add_bias`.
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+  use_bias: bool = True
+  kernel_init: Callable = xavier_uniform
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, p = self.kernel, self.padding
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(self.stride,) * 2,
+        padding=((p, p), (p, p)), rhs_dilation=(self.dilation,) * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+      y = add_bias(y, bias.astype(self.dtype))
+    return y
+
+
 def conv2d(features: int, kernel: int, *, stride: int = 1, padding: int | None = None,
            dilation: int = 1, use_bias: bool = True, kernel_init=xavier_uniform,
-           dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
-  """A square `nn.Conv` with PyTorch's explicit symmetric zero padding.
+           dtype: Dtype = jnp.float32, name: str | None = None) -> Conv:
+  """A square convolution with PyTorch's explicit symmetric zero padding.
 
   `padding=None` means "same" for odd kernels at stride 1: `dilation * (kernel - 1) // 2`.
   """
   if padding is None:
     padding = dilation * (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)),
-                 kernel_dilation=(dilation, dilation), use_bias=use_bias,
-                 kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return Conv(features, kernel, stride=stride, padding=padding, dilation=dilation,
+              use_bias=use_bias, kernel_init=kernel_init, dtype=dtype, name=name)
+
+
+class BatchNorm(nn.Module):
+  """`nn.BatchNorm` over the last axis, with its variable names and arithmetic.
+
+  Batch statistics are `channel_sum`s (see above); the running averages
+  follow `momentum` as in Flax (0.9 here is PyTorch's 0.1), the variance is
+  the biased `E[x^2] - E[x]^2`, and with `axis_name` the statistics are
+  averaged over that axis.
+  """
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      x32 = x.astype(jnp.float32)
+      n = x32.size // c
+      moments = jnp.stack([channel_sum(x32), channel_sum(x32 * x32)]) / n
+      if self.axis_name is not None and not self.is_initializing():
+        moments = jax.lax.pmean(moments, self.axis_name)
+      mean = moments[0]
+      var = jnp.maximum(0.0, moments[1] - mean * mean)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    y = x.astype(jnp.float32) * mul + (bias - mean * mul)
+    return y.astype(self.dtype)
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -215,7 +321,7 @@ class ConvTranspose2d(nn.Module):
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = add_bias(y, bias.astype(self.dtype))
     return y
 
 
@@ -263,9 +369,8 @@ class ConvBNReLU(nn.Module):
                dilation=self.dilation, use_bias=not self.batch_norm,
                kernel_init=self.kernel_init, dtype=self.dtype, name='conv')(x)
     if self.batch_norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       axis_name=self.axis_name, dtype=self.dtype, param_dtype=jnp.float32,
-                       name='bn')(x)
+      x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                    axis_name=self.axis_name, dtype=self.dtype, name='bn')(x)
     return nn.relu(x) if self.relu else x
 
 
