@@ -94,6 +94,8 @@ def ssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
       # BatchNorm in the VGG16 backbone and extra layers: for training from
       # scratch (ScratchDet); the pretrained VGG16 weights have none.
       backbone_batch_norm=False,
+      # Head conv init: 'xavier' (ssd.pytorch / torchvision) or 'small' (normal 0.01).
+      head_init='xavier',
   ))
   anchors = ConfigDict(dict(
       style='ssd',
@@ -172,6 +174,7 @@ def skipfpn_model(input_size: int = 320, num_classes: int = 21) -> ConfigDict:
       l2norm_scales={'conv4_3': 10.0, 'conv5_3': 8.0},
       batch_norm=True,
       backbone_batch_norm=False,
+      head_init='xavier',
       skipfpn=ConfigDict(dict(
           channels=256,
           skip_depth=2,               # D: 2 as drawn in the paper, 3 connects all

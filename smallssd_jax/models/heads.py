@@ -32,18 +32,31 @@ def _check_levels(num_anchors: Sequence[int], maps: Sequence[Array], what: str) 
                      f'given for {len(num_anchors)} levels ({list(num_anchors)})')
 
 
+# 'xavier': ssd.pytorch / torchvision (Xavier-uniform, zero bias), right for a
+# pretrained backbone. 'small': normal(0.01) as RetinaNet's heads, so a model
+# trained from scratch with BatchNorm in the backbone starts from near-zero
+# logits and deltas instead of a loss several times the uniform-guess loss.
+HEAD_INITS = {
+    'xavier': layers.xavier_uniform,
+    'small': nn.initializers.normal(0.01),
+}
+
+
 class _LevelPredictor(nn.Module):
   """One 3x3 conv per level with `anchors * values` outputs, flattened to [B, sum HWA, values]."""
   num_anchors: Sequence[int]
   values: int
   dtype: jnp.dtype = jnp.float32
+  init: str = 'xavier'
 
   @nn.compact
   def __call__(self, maps: Sequence[Array]) -> Array:
+    if self.init not in HEAD_INITS:
+      raise ValueError(f'model.head_init must be one of {sorted(HEAD_INITS)}, got {self.init!r}')
     out = []
     for level, (x, anchors) in enumerate(zip(maps, self.num_anchors)):
       y = layers.conv2d(anchors * self.values, 3, padding=1, dtype=self.dtype,
-                        name=f'level{level}')(x)
+                        kernel_init=HEAD_INITS[self.init], name=f'level{level}')(x)
       out.append(y.reshape(y.shape[0], -1, self.values))
     return jnp.concatenate(out, axis=1).astype(jnp.float32)
 
@@ -53,6 +66,7 @@ class SSDHead(nn.Module):
   num_anchors: Sequence[int]
   num_classes: int
   dtype: jnp.dtype = jnp.float32
+  init: str = 'xavier'
 
   takes_lateral_sources: ClassVar[bool] = False
 
@@ -60,9 +74,9 @@ class SSDHead(nn.Module):
   def __call__(self, maps: Sequence[Array]) -> dict[str, Array]:
     _check_levels(self.num_anchors, maps, 'SSD head')
     return {
-        'cls_logits': _LevelPredictor(self.num_anchors, self.num_classes, self.dtype,
+        'cls_logits': _LevelPredictor(self.num_anchors, self.num_classes, self.dtype, self.init,
                                       name='classification')(maps),
-        'box_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, name='regression')(maps),
+        'box_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.init, name='regression')(maps),
     }
 
 
@@ -79,6 +93,7 @@ class TwoStepHead(nn.Module):
   num_anchors: Sequence[int]
   num_classes: int
   dtype: jnp.dtype = jnp.float32
+  init: str = 'xavier'
 
   takes_lateral_sources: ClassVar[bool] = True
 
@@ -87,12 +102,12 @@ class TwoStepHead(nn.Module):
     _check_levels(self.num_anchors, lateral, 'two-step head (ARM)')
     _check_levels(self.num_anchors, maps, 'two-step head (ODM)')
     return {
-        'arm_logits': _LevelPredictor(self.num_anchors, 2, self.dtype,
+        'arm_logits': _LevelPredictor(self.num_anchors, 2, self.dtype, self.init,
                                       name='arm_classification')(lateral),
-        'arm_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype,
+        'arm_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.init,
                                       name='arm_regression')(lateral),
-        'cls_logits': _LevelPredictor(self.num_anchors, self.num_classes, self.dtype,
+        'cls_logits': _LevelPredictor(self.num_anchors, self.num_classes, self.dtype, self.init,
                                       name='odm_classification')(maps),
-        'box_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype,
+        'box_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.init,
                                       name='odm_regression')(maps),
     }
