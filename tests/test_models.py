@@ -16,6 +16,7 @@ import pytest
 
 from smallssd_jax import presets
 from smallssd_jax.models import detector
+from smallssd_jax.models import heads
 from smallssd_jax.models import layers
 from smallssd_jax import models
 
@@ -198,6 +199,24 @@ def test_backbone_batch_norm_replaces_every_bias_with_bn():
   # A bias per channel becomes a BN scale and shift per channel.
   assert (models.count_params(variables['params'])
           == models.count_params(plain['params']) + out_channels)
+
+
+@pytest.mark.parametrize('head_cls', [heads.SSDHead, heads.TwoStepHead])
+def test_head_init_small_or_xavier(head_cls):
+  maps = [jnp.zeros((1, 4, 4, 32))]
+  args = (maps, maps) if head_cls.takes_lateral_sources else (maps,)
+  # Xavier-uniform on a 3x3x32 -> 4 * values conv: std sqrt(2 / (fan_in + fan_out)).
+  for init, expected_std in [('small', lambda values: 0.01),
+                             ('xavier', lambda values: math.sqrt(2.0 / (9 * 32 + 9 * 4 * values)))]:
+    params = head_cls(num_anchors=(4,), num_classes=21, head_init=init).init(
+        jax.random.key(0), *args)['params']
+    for name, layer in params.items():
+      kernel = np.asarray(layer['level0']['kernel'])
+      values = kernel.shape[-1] // 4
+      assert abs(kernel.std() / expected_std(values) - 1) < 0.15, (init, name, kernel.std())
+      np.testing.assert_array_equal(layer['level0']['bias'], 0.0)
+  with pytest.raises(ValueError, match="head_init must be one of.*'zeros'"):
+    head_cls(num_anchors=(4,), num_classes=21, head_init='zeros').init(jax.random.key(0), *args)
 
 
 def test_skipfpn_odd_input_size_and_full_skip_depth():

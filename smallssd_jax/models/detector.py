@@ -205,7 +205,7 @@ def build_detector(model_cfg: ConfigDict, num_anchors: Sequence[int],
   head_cls = _lookup(HEADS, model_cfg.head, 'head')
   head = head_cls(num_anchors=tuple(int(a) for a in num_anchors),
                   num_classes=int(model_cfg.num_classes), dtype=common.dtype,
-                  init=model_cfg.get('head_init', 'xavier'))
+                  head_init=model_cfg.get('head_init', 'xavier'))
   return Detector(backbone=backbone, neck=neck, head=head, sources=tuple(model_cfg.sources),
                   input_size=int(model_cfg.input_size))
 

@@ -47,16 +47,17 @@ class _LevelPredictor(nn.Module):
   num_anchors: Sequence[int]
   values: int
   dtype: jnp.dtype = jnp.float32
-  init: str = 'xavier'
+  head_init: str = 'xavier'
 
   @nn.compact
   def __call__(self, maps: Sequence[Array]) -> Array:
-    if self.init not in HEAD_INITS:
-      raise ValueError(f'model.head_init must be one of {sorted(HEAD_INITS)}, got {self.init!r}')
+    if self.head_init not in HEAD_INITS:
+      raise ValueError(f'model.head_init must be one of {sorted(HEAD_INITS)}, '
+                       f'got {self.head_init!r}')
     out = []
     for level, (x, anchors) in enumerate(zip(maps, self.num_anchors)):
       y = layers.conv2d(anchors * self.values, 3, padding=1, dtype=self.dtype,
-                        kernel_init=HEAD_INITS[self.init], name=f'level{level}')(x)
+                        kernel_init=HEAD_INITS[self.head_init], name=f'level{level}')(x)
       out.append(y.reshape(y.shape[0], -1, self.values))
     return jnp.concatenate(out, axis=1).astype(jnp.float32)
 
@@ -66,7 +67,7 @@ class SSDHead(nn.Module):
   num_anchors: Sequence[int]
   num_classes: int
   dtype: jnp.dtype = jnp.float32
-  init: str = 'xavier'
+  head_init: str = 'xavier'
 
   takes_lateral_sources: ClassVar[bool] = False
 
@@ -74,9 +75,10 @@ class SSDHead(nn.Module):
   def __call__(self, maps: Sequence[Array]) -> dict[str, Array]:
     _check_levels(self.num_anchors, maps, 'SSD head')
     return {
-        'cls_logits': _LevelPredictor(self.num_anchors, self.num_classes, self.dtype, self.init,
+        'cls_logits': _LevelPredictor(self.num_anchors, self.num_classes, self.dtype, self.head_init,
                                       name='classification')(maps),
-        'box_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.init, name='regression')(maps),
+        'box_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.head_init,
+                                      name='regression')(maps),
     }
 
 
@@ -93,7 +95,7 @@ class TwoStepHead(nn.Module):
   num_anchors: Sequence[int]
   num_classes: int
   dtype: jnp.dtype = jnp.float32
-  init: str = 'xavier'
+  head_init: str = 'xavier'
 
   takes_lateral_sources: ClassVar[bool] = True
 
@@ -102,12 +104,12 @@ class TwoStepHead(nn.Module):
     _check_levels(self.num_anchors, lateral, 'two-step head (ARM)')
     _check_levels(self.num_anchors, maps, 'two-step head (ODM)')
     return {
-        'arm_logits': _LevelPredictor(self.num_anchors, 2, self.dtype, self.init,
+        'arm_logits': _LevelPredictor(self.num_anchors, 2, self.dtype, self.head_init,
                                       name='arm_classification')(lateral),
-        'arm_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.init,
+        'arm_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.head_init,
                                       name='arm_regression')(lateral),
-        'cls_logits': _LevelPredictor(self.num_anchors, self.num_classes, self.dtype, self.init,
+        'cls_logits': _LevelPredictor(self.num_anchors, self.num_classes, self.dtype, self.head_init,
                                       name='odm_classification')(maps),
-        'box_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.init,
+        'box_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.head_init,
                                       name='odm_regression')(maps),
     }
