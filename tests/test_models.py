@@ -414,7 +414,8 @@ def test_conv_matches_flax_conv_forward_and_gradients(stride, padding, dilation)
     loss = lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)) * jnp.arange(7.0))
     return jax.value_and_grad(loss, argnums=(0, 1))(variables, x)
 
-  for got, want in zip(jax.tree.leaves(value_and_grads(ours)), jax.tree.leaves(value_and_grads(ref))):
+  pairs = zip(jax.tree.leaves(value_and_grads(ours)), jax.tree.leaves(value_and_grads(ref)))
+  for got, want in pairs:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -434,7 +435,8 @@ def test_batch_norm_matches_flax_batch_norm(train):
       return jnp.sum(jnp.sin(y) * jnp.arange(3.0)), updates
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables, x)
 
-  for got, want in zip(jax.tree.leaves(value_and_grads(ours)), jax.tree.leaves(value_and_grads(ref))):
+  pairs = zip(jax.tree.leaves(value_and_grads(ours)), jax.tree.leaves(value_and_grads(ref)))
+  for got, want in pairs:
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 

@@ -74,11 +74,11 @@ class SSDHead(nn.Module):
   @nn.compact
   def __call__(self, maps: Sequence[Array]) -> dict[str, Array]:
     _check_levels(self.num_anchors, maps, 'SSD head')
+    predictor = lambda values, name: _LevelPredictor(self.num_anchors, values, self.dtype,
+                                                     self.head_init, name=name)
     return {
-        'cls_logits': _LevelPredictor(self.num_anchors, self.num_classes, self.dtype, self.head_init,
-                                      name='classification')(maps),
-        'box_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.head_init,
-                                      name='regression')(maps),
+        'cls_logits': predictor(self.num_classes, 'classification')(maps),
+        'box_deltas': predictor(4, 'regression')(maps),
     }
 
 
@@ -103,13 +103,11 @@ class TwoStepHead(nn.Module):
   def __call__(self, maps: Sequence[Array], lateral: Sequence[Array]) -> dict[str, Array]:
     _check_levels(self.num_anchors, lateral, 'two-step head (ARM)')
     _check_levels(self.num_anchors, maps, 'two-step head (ODM)')
+    predictor = lambda values, name: _LevelPredictor(self.num_anchors, values, self.dtype,
+                                                     self.head_init, name=name)
     return {
-        'arm_logits': _LevelPredictor(self.num_anchors, 2, self.dtype, self.head_init,
-                                      name='arm_classification')(lateral),
-        'arm_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.head_init,
-                                      name='arm_regression')(lateral),
-        'cls_logits': _LevelPredictor(self.num_anchors, self.num_classes, self.dtype, self.head_init,
-                                      name='odm_classification')(maps),
-        'box_deltas': _LevelPredictor(self.num_anchors, 4, self.dtype, self.head_init,
-                                      name='odm_regression')(maps),
+        'arm_logits': predictor(2, 'arm_classification')(lateral),
+        'arm_deltas': predictor(4, 'arm_regression')(lateral),
+        'cls_logits': predictor(self.num_classes, 'odm_classification')(maps),
+        'box_deltas': predictor(4, 'odm_regression')(maps),
     }

@@ -56,9 +56,9 @@ def _ones_matvec(x: Array) -> Array:
 
 def channel_sum(x: Array) -> Array:
   """`x.sum(axis=all but the last)`, as a GEMV on the CPU and a reduction elsewhere."""
-  return jax.lax.platform_dependent(
-      x, cpu=_ones_matvec,
-      default=lambda v: jnp.sum(v, axis=tuple(range(v.ndim - 1)), dtype=jnp.float32).astype(v.dtype))
+  def reduce(v):
+    return jnp.sum(v, axis=tuple(range(v.ndim - 1)), dtype=jnp.float32).astype(v.dtype)
+  return jax.lax.platform_dependent(x, cpu=_ones_matvec, default=reduce)
 
 
 @jax.custom_vjp
