@@ -4,14 +4,14 @@ No download, CPU-friendly. The README's first command:
 
   python -m smallssd_jax.main --config=configs/default.py --workdir=runs/default
 
-trains a reduced-width DF-SSD300 on `builtin_small`, evaluates it (VOC07 mAP
+trains a reduced-width SSD300 on `builtin_small`, evaluates it (VOC07 mAP
 plus AP by object size) and draws its detections on test images. The other
 two detectors on the same data, same width and schedule:
 
-  python -m smallssd_jax.main --config=configs/default.py:ssd --workdir=runs/default_ssd
+  python -m smallssd_jax.main --config=configs/default.py:dfssd --workdir=runs/default_dfssd
   python -m smallssd_jax.main --config=configs/default.py:skipfpn --workdir=runs/default_skipfpn
 
-Arguments (comma separated): the model (`dfssd` | `ssd` | `skipfpn`),
+Arguments (comma separated): the model (`ssd` | `dfssd` | `skipfpn`),
 `runlocal` (a few steps, for tests), `width=`, `steps=`, `seed=`.
 """
 
@@ -25,7 +25,7 @@ MODELS = {
 
 
 def get_config(arg=None):
-  arg = presets.parse_arg(arg, model='dfssd', runlocal=False, width=0.125, steps=200, seed=0)
+  arg = presets.parse_arg(arg, model='ssd', runlocal=False, width=0.125, steps=200, seed=0)
   if arg.model not in MODELS:
     raise ValueError(f'configs/default.py: model {arg.model!r} not in {sorted(MODELS)}')
   data = presets.data('builtin_small', max_boxes=48, eval_split='test')
