@@ -24,7 +24,7 @@ def test_bench_smoke(tmp_path):
 
   results = json.loads(out.read_text())
   assert results['batch'] == 2 and results['steps'] == 2
-  assert results['model']['name'] == 'dfssd' and results['num_params'] > 0
+  assert results['model']['name'] == 'ssd' and results['num_params'] > 0
   measured = ('gflops_per_image', 'train_gflops_per_image', 'compile_seconds_inference',
               'compile_seconds_train', 'inference_images_per_sec', 'train_images_per_sec',
               'peak_memory_bytes', 'data_images_per_sec')
