@@ -52,7 +52,7 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / 'configs' / 'default.py') + ':runlocal'
+CONFIG = str(REPO / 'configs' / 'default.py') + ':model=dfssd,runlocal'
 STEPS = 2
 GLOBAL_BATCH = 8
 EVAL_EXAMPLES = 5          # < the eval batch: both sides pad, 2 processes unevenly (3 + 2)
@@ -67,6 +67,9 @@ def tiny_config():
   """runlocal with deterministic data, a constant learning rate and a small evaluation."""
   from smallssd_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
   cfg = load_config(CONFIG)
+  # The model these tests were calibrated on: DF-SSD, plain VGG16, Xavier heads.
+  cfg.model.backbone_batch_norm = False
+  cfg.model.head_init = 'xavier'
   cfg.batch_size = GLOBAL_BATCH
   cfg.num_train_steps = STEPS
   cfg.log_every_steps = 1

@@ -26,7 +26,7 @@ from smallssd_jax import train
 from smallssd_jax.config_lib import load_config
 from smallssd_jax.datasets import pipeline
 
-CONFIG = str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py') + ':runlocal'
+CONFIG = str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py') + ':model=dfssd,runlocal'
 STEPS = 4
 
 
@@ -46,6 +46,9 @@ def compilation_cache_dir(tmp_path_factory):
 def tiny_config():
   """runlocal, smaller still; what reaches the compiled functions is the same for every test."""
   cfg = load_config(CONFIG)
+  # The model these tests were calibrated on: DF-SSD, plain VGG16, Xavier heads.
+  cfg.model.backbone_batch_norm = False
+  cfg.model.head_init = 'xavier'
   cfg.num_train_steps = STEPS
   cfg.log_every_steps = 1
   cfg.checkpoint_every_steps = 2
