@@ -142,10 +142,10 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    x32 = x.astype(jnp.float32)
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
-      x32 = x.astype(jnp.float32)
       n = x32.size // c
       moments = jnp.stack([channel_sum(x32), channel_sum(x32 * x32)]) / n
       if self.axis_name is not None and not self.is_initializing():
@@ -156,7 +156,7 @@ class BatchNorm(nn.Module):
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    y = x.astype(jnp.float32) * mul + (bias - mean * mul)
+    y = x32 * mul + (bias - mean * mul)
     return y.astype(self.dtype)
 
 
