@@ -63,6 +63,7 @@ from smallssd_jax import checkpoints as ckpt_lib
 from smallssd_jax import evaluation as eval_lib
 from smallssd_jax import models
 from smallssd_jax import train as train_lib
+from smallssd_jax.datasets import augment
 from smallssd_jax.datasets import pipeline
 
 
@@ -220,12 +221,27 @@ def bench_data(config, steps: int, warmup: int) -> dict[str, Any]:
 
 
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """A training batch of the config's shapes: normalised noise images, 8 random boxes each."""
+  """A training batch as the pipeline makes it: noise images, 8 random boxes each.
+
+  With data.pixels_on_device: uint8 images and a photometric draw per image
+  and 'photometric' in data.augment (the step distorts and normalises them);
+  otherwise float32 normalised images.
+  """
   rng = np.random.default_rng(seed)
   b, s, m = int(config.batch_size), int(config.model.input_size), int(config.data.max_boxes)
-  pixels = rng.uniform(0, 255, (b, s, s, 3)).astype(np.float32)
-  image = (pixels - np.asarray(config.data.mean, np.float32)) / np.asarray(config.data.std,
-                                                                         np.float32)
+  pixels = rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)
+  extra = {}
+  if augment.pixels_on_device(config.data):
+    image = pixels
+    stages = list(config.data.augment).count('photometric')
+    if stages:
+      draw = lambda: augment.stage_vector(augment.sample_photometric(rng))
+      extra['photometric'] = np.array([[draw() for _ in range(stages)] for _ in range(b)],
+                                      np.float32)
+      extra['image_region'] = np.tile(np.array([0, s, 0, s], np.int32), (b, 1))
+  else:
+    image = ((pixels - np.asarray(config.data.mean, np.float32)) /
+             np.asarray(config.data.std, np.float32))
   n = min(8, m)
   yx = rng.uniform(0.0, 0.8, (b, n, 2))
   hw = rng.uniform(0.02, 0.2, (b, n, 2))
@@ -237,7 +253,7 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   mask[:, :n] = True
   return {'image': image, 'boxes': boxes, 'labels': labels, 'mask': mask,
           'ignore': np.zeros((b, m), bool), 'image_id': np.arange(b, dtype=np.int32),
-          'orig_size': np.full((b, 2), s, np.int32)}
+          'orig_size': np.full((b, 2), s, np.int32), **extra}
 
 
 # ------------------------------------------------------- torchvision ---
@@ -263,10 +279,13 @@ def bench_torchvision(config, batch: dict[str, np.ndarray], steps: int, warmup: 
 
   # Back to 0..1 RGB, which torchvision's transform normalises itself.
   data = config.data
-  raw = batch['image'] * np.asarray(data.std, np.float32) + np.asarray(data.mean, np.float32)
-  if data.bgr:
-    raw = raw[..., ::-1]
-  raw = np.clip(raw / 255.0, 0.0, 1.0).astype(np.float32)
+  if batch['image'].dtype == np.uint8:
+    raw = batch['image'].astype(np.float32) / 255.0
+  else:
+    raw = batch['image'] * np.asarray(data.std, np.float32) + np.asarray(data.mean, np.float32)
+    if data.bgr:
+      raw = raw[..., ::-1]
+    raw = np.clip(raw / 255.0, 0.0, 1.0).astype(np.float32)
   images = [torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).to(device) for x in raw]
   size = raw.shape[1]
   targets = []

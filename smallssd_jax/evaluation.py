@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from smallssd_jax import checkpoints as ckpt_lib
 from smallssd_jax import metrics as metrics_lib
+from smallssd_jax import pixels as pixels_lib
 from smallssd_jax import postprocess
 from smallssd_jax import presets
 from smallssd_jax import train as train_lib
@@ -35,7 +36,8 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.webp')
 
 
 def predict(variables, images, *, detector: train_lib.Detector, post_cfg, variances):
-  """Forward + decode + per-class NMS for a batch; fixed-size outputs."""
+  """Forward + decode + per-class NMS for a batch (uint8 RGB or float model input)."""
+  images = pixels_lib.model_input({'image': images}, detector.pixels)
   outputs = detector.module.apply(variables, images, train=False)
   return postprocess.detect(outputs, detector.anchors, post_cfg, variances=tuple(variances),
                             two_step=detector.two_step)

@@ -254,6 +254,9 @@ def data(name: str = 'builtin_small', **overrides) -> ConfigDict:
       std=[1.0, 1.0, 1.0],
       bgr=False,
       augment=['photometric', 'zoom_out', 'min_iou_crop', 'flip'],
+      # Photometric distortion + normalisation in the jitted step on uint8
+      # batches (pixels.py); False: on the host, float32 batches.
+      pixels_on_device=True,
       zoom_out_max=4.0,
       num_workers=0,
       prefetch=2,

@@ -29,6 +29,7 @@ from smallssd_jax import anchors as anchors_lib
 from smallssd_jax import checkpoints as ckpt_lib
 from smallssd_jax import losses
 from smallssd_jax import models
+from smallssd_jax import pixels as pixels_lib
 from smallssd_jax import writers
 from smallssd_jax.datasets import pipeline
 
@@ -70,6 +71,8 @@ class Detector:
   module: Any = struct.field(pytree_node=False)
   anchors: np.ndarray = struct.field(pytree_node=False)
   two_step: bool = struct.field(pytree_node=False)
+  # Normalisation of uint8 input batches (data.pixels_on_device; pixels.py).
+  pixels: pixels_lib.PixelConfig = struct.field(pytree_node=False)
 
 
 def build(config: ml_collections.ConfigDict) -> Detector:
@@ -77,7 +80,8 @@ def build(config: ml_collections.ConfigDict) -> Detector:
   priors = anchors_lib.from_config(config.anchors)
   module = models.build_detector(config.model, anchors_lib.anchors_per_location(config.anchors))
   models.check_anchor_count(module, config.model, priors.shape[0])
-  return Detector(module=module, anchors=priors, two_step=config.model.head == 'two_step')
+  return Detector(module=module, anchors=priors, two_step=config.model.head == 'two_step',
+                  pixels=pixels_lib.PixelConfig.from_data_config(config.data))
 
 
 # ----------------------------------------------------------------- state ---
@@ -193,12 +197,13 @@ def loss_fn(detector: Detector, loss_cfg, params, batch_stats, batch, train: boo
   variables = {'params': params}
   if batch_stats:
     variables['batch_stats'] = batch_stats
+  images = pixels_lib.model_input(batch, detector.pixels)
   if train and batch_stats:
-    outputs, updates = detector.module.apply(variables, batch['image'], train=True,
+    outputs, updates = detector.module.apply(variables, images, train=True,
                                              mutable=['batch_stats'])
     new_stats = updates['batch_stats']
   else:
-    outputs = detector.module.apply(variables, batch['image'], train=train)
+    outputs = detector.module.apply(variables, images, train=train)
     new_stats = batch_stats
   objective = losses.two_step_loss if detector.two_step else losses.multibox_loss
   loss, metrics = objective(outputs, jnp.asarray(detector.anchors), batch, loss_cfg)

@@ -257,15 +257,19 @@ def test_resize_and_normalize():
   np.testing.assert_allclose(bgr, 0.0, atol=1e-6)
 
 
-def test_ops_from_config():
-  cfg = presets.data()
+@pytest.mark.parametrize('on_device', [True, False])
+def test_ops_from_config(on_device):
+  cfg = presets.data(pixels_on_device=on_device)
   ops = augment.train_ops(cfg, 64)
-  assert len(ops) == len(cfg.augment) + 2
+  # + resize, and normalize on the host path
+  assert len(ops) == len(cfg.augment) + (1 if on_device else 2)
   rng = np.random.default_rng(7)
   image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
   for seed in range(10):
     out = augment.apply(ops, _example(image, _random_boxes(rng, 5)), np.random.default_rng(seed))
-    assert out['image'].shape == (64, 64, 3) and out['image'].dtype == np.float32
+    assert out['image'].shape == (64, 64, 3)
+    assert out['image'].dtype == (np.uint8 if on_device else np.float32)
+    assert ('photometric_stages' in out) == on_device and 'pixel_ops' not in out
     b = out['boxes']
     assert np.all((b >= 0) & (b <= 1)) and np.all(b[:, 2:] > b[:, :2])
     assert len(out['labels']) == len(b) == len(out['ignore'])

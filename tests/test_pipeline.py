@@ -40,14 +40,18 @@ def _same(a, b):
   return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
 
-def test_train_batch_contract():
-  batch = next(pipeline.make_train_iterator(_config()))
-  assert set(batch) == set(pipeline.BATCH_KEYS)
+@pytest.mark.parametrize('on_device', [True, False])
+def test_train_batch_contract(on_device):
+  batch = next(pipeline.make_train_iterator(_config(pixels_on_device=on_device)))
   m = presets.data().max_boxes
-  expect = {'image': ((4, SIZE, SIZE, 3), np.float32), 'boxes': ((4, m, 4), np.float32),
+  expect = {'image': ((4, SIZE, SIZE, 3), np.uint8 if on_device else np.float32),
+            'boxes': ((4, m, 4), np.float32),
             'labels': ((4, m), np.int32), 'mask': ((4, m), np.bool_),
             'ignore': ((4, m), np.bool_), 'image_id': ((4,), np.int32),
             'orig_size': ((4, 2), np.int32)}
+  if on_device:  # one photometric stage per image, and where the image pixels are
+    expect.update(photometric=((4, 1, 5), np.float32), image_region=((4, 4), np.int32))
+  assert set(batch) == set(expect)
   for key, (shape, dtype) in expect.items():
     assert batch[key].shape == shape and batch[key].dtype == dtype, key
   mask = batch['mask']
@@ -57,7 +61,11 @@ def test_train_batch_contract():
   b = batch['boxes'][mask]
   assert np.all((b >= 0) & (b <= 1)) and np.all(b[:, 2:] > b[:, :2])
   np.testing.assert_array_equal(batch['orig_size'], [[SIZE, SIZE]] * 4)
-  assert abs(float(batch['image'].mean())) < 60  # mean-subtracted
+  if on_device:
+    r0, r1, c0, c1 = batch['image_region'].T
+    assert np.all((0 <= r0) & (r0 <= r1) & (r1 <= SIZE) & (0 <= c0) & (c0 <= c1) & (c1 <= SIZE))
+  else:
+    assert abs(float(batch['image'].mean())) < 60  # mean-subtracted
 
 
 def test_same_seed_same_batches_different_seed_different():

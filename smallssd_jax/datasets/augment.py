@@ -22,9 +22,12 @@ Caffe's per-image interpolation (linear, area, nearest, cubic, Lanczos).
 
 Photometric distortion is pointwise, so it commutes with the geometry: the
 `photometric` op samples Caffe's parameters where it stands in the list and
-`resize` applies them to the (much smaller) resampled image, on the pixels
-that come from the image only, so the zoom-out fill stays the undistorted mean
-colour as in Caffe. The arithmetic is Caffe's on 8-bit images (OpenCV
+they are applied to the (much smaller) resampled image, on the pixels that
+come from the image only, so the zoom-out fill stays the undistorted mean
+colour as in Caffe. With `data.pixels_on_device` (the presets' default) the
+draw travels with the uint8 batch and the jitted step applies it and
+normalises (pixels.py); otherwise `resize` applies it here and `normalize`
+makes the float32 input on the host. The arithmetic is Caffe's on 8-bit images (OpenCV
 `convertTo` with rounding and saturation): brightness `x + delta`, contrast
 `x * alpha` (a gain, as in Caffe), saturation `S * k` in HSV, hue `H + delta`
 in OpenCV's 8-bit hue units (2 degrees; delta 18 = 36 degrees). Hue and
@@ -230,10 +233,48 @@ def sample_photometric(rng: np.random.Generator, *, prob: float = 0.5,
   return ops
 
 
-def photometric(example: Example, rng: np.random.Generator, **kwargs) -> Example:
-  """Samples Caffe's photometric distortion; `resize` applies it."""
+# One DistortImage draw as the device path's fixed-size stage (pixels.py):
+# [brightness delta, contrast gain before HSV, saturation gain, hue delta,
+# contrast gain after HSV].
+IDENTITY_STAGE = (0.0, 1.0, 1.0, 0.0, 1.0)
+
+
+def stage_vector(ops: Sequence[tuple[str, float]]) -> np.ndarray:
+  """A `sample_photometric` list as a stage (float32 [5]).
+
+  Contrast takes the 'before' slot when it precedes the HSV ops in `ops` (or
+  when there are none: brightness then contrast either way).
+  """
+  stage = np.array(IDENTITY_STAGE, np.float32)
+  seen_hsv = False
+  for name, value in ops:
+    if name == 'brightness':
+      stage[0] = value
+    elif name == 'contrast':
+      stage[4 if seen_hsv else 1] = value
+    elif name in ('saturation', 'hue'):
+      stage[2 if name == 'saturation' else 3] = value
+      seen_hsv = True
+    else:
+      raise ValueError(f'unknown pixel op {name!r}')
+  return stage
+
+
+def photometric(example: Example, rng: np.random.Generator, *, on_device: bool = False,
+                **kwargs) -> Example:
+  """Samples Caffe's photometric distortion.
+
+  On the host path `resize` applies it (`pixel_ops`); with `on_device` the
+  draw is kept as a stage in `photometric_stages` for the jitted step
+  (pixels.py) and `resize` leaves the pixels alone.
+  """
   example = dict(example)
-  example['pixel_ops'] = list(example.get('pixel_ops', [])) + sample_photometric(rng, **kwargs)
+  ops = sample_photometric(rng, **kwargs)
+  if on_device:
+    example['photometric_stages'] = list(example.get('photometric_stages', [])) + [
+        stage_vector(ops)]
+  else:
+    example['pixel_ops'] = list(example.get('pixel_ops', [])) + ops
   return example
 
 
@@ -388,8 +429,11 @@ def resize(example: Example, rng: np.random.Generator | None = None, *, size: in
 
   Decodes the image when needed (at a reduced JPEG scale when the window
   allows), paints the canvas outside the image with `fill` (RGB), applies the
-  pending photometric ops to the image pixels and drops `window` and
-  `pixel_ops`. Boxes are unchanged (they are normalised to the frame).
+  pending host photometric ops (`pixel_ops`) to the image pixels, records in
+  `image_region` the output rectangle `(row0, row1, col0, col1)` that holds
+  image pixels (for photometric stages applied on the device) and drops
+  `window` and `pixel_ops`. Boxes are unchanged (they are normalised to the
+  frame).
 
   Args:
     method: 'bilinear' (PIL's, antialiased when shrinking), 'nearest' (about
@@ -434,6 +478,8 @@ def resize(example: Example, rng: np.random.Generator | None = None, *, size: in
     if example.get('pixel_ops'):
       region = apply_pixel_ops(region, example['pixel_ops'])
     region = np.asarray(region)
+  # The rectangle holding image pixels, for photometric ops applied later.
+  image_region = np.array((r0, r1, c0, c1) if region is not None else (0, 0, 0, 0), np.int32)
   if region is not None and (r0, r1, c0, c1) == (0, size, 0, size):
     canvas = region
   else:
@@ -443,6 +489,7 @@ def resize(example: Example, rng: np.random.Generator | None = None, *, size: in
       canvas[r0:r1, c0:c1] = region
   example = dict(example)
   example['image'] = canvas
+  example['image_region'] = image_region
   example.pop('window', None)
   example.pop('pixel_ops', None)
   return example
@@ -487,13 +534,19 @@ def _cfg_get(cfg, key: str, default: Any) -> Any:
   return cfg[key] if key in cfg else default
 
 
+def pixels_on_device(data_cfg) -> bool:
+  """Whether photometric distortion and normalisation run in the jitted step (pixels.py)."""
+  return bool(_cfg_get(data_cfg, 'pixels_on_device', False))
+
+
 def op_registry(data_cfg, input_size: int) -> dict[str, Op]:
   """Name -> op with its parameters from the config (names valid in data.augment)."""
   photo = _cfg_get(data_cfg, 'photometric', {})
   crop_cfg = _cfg_get(data_cfg, 'crop', {})
   return {
       'photometric': functools.partial(
-          photometric, prob=float(_cfg_get(photo, 'prob', 0.5)),
+          photometric, on_device=pixels_on_device(data_cfg),
+          prob=float(_cfg_get(photo, 'prob', 0.5)),
           brightness_delta=float(_cfg_get(photo, 'brightness_delta', 32.0)),
           contrast=tuple(_cfg_get(photo, 'contrast', (0.5, 1.5))),
           saturation=tuple(_cfg_get(photo, 'saturation', (0.5, 1.5))),
@@ -516,23 +569,35 @@ def op_registry(data_cfg, input_size: int) -> dict[str, Op]:
 
 
 def train_ops(data_cfg, input_size: int) -> list[Op]:
-  """The ops of `data.augment`, then resize and normalize unless listed."""
+  """The ops of `data.augment`, then resize and (on the host path) normalize unless listed."""
   registry = op_registry(data_cfg, input_size)
   names = list(data_cfg.augment)
   unknown = [n for n in names if n not in registry]
   if unknown:
     raise ValueError(f'unknown data.augment op(s) {unknown}; known: {sorted(registry)}')
-  for final in ('resize', 'normalize'):
-    if final not in names:
-      names.append(final)
+  finals = ['resize']
+  if pixels_on_device(data_cfg):
+    if 'normalize' in names:
+      raise ValueError("data.augment lists 'normalize', but with data.pixels_on_device=True "
+                       'the train step normalises; drop one of the two')
+  else:
+    finals.append('normalize')
+  names += [n for n in finals if n not in names]
   return [registry[n] for n in names]
 
 
-def eval_ops(data_cfg, input_size: int) -> list[Op]:
-  """Evaluation: bilinear resize + normalize only."""
+def eval_ops(data_cfg, input_size: int, host_normalize: bool | None = None) -> list[Op]:
+  """Evaluation: bilinear resize, then normalize on the host path.
+
+  Args:
+    host_normalize: normalise here even when `data.pixels_on_device` (for
+      callers that feed the model float input themselves); None = the config's path.
+  """
   registry = op_registry(data_cfg, input_size)
-  return [functools.partial(resize, size=int(input_size), fill=fill_colour(data_cfg)),
-          registry['normalize']]
+  ops = [functools.partial(resize, size=int(input_size), fill=fill_colour(data_cfg))]
+  if host_normalize or (host_normalize is None and not pixels_on_device(data_cfg)):
+    ops.append(registry['normalize'])
+  return ops
 
 
 def apply(ops: Sequence[Op], example: Example, rng: np.random.Generator | None) -> Example:

@@ -4,11 +4,12 @@ r"""Data-loading throughput: decode only, and the full SSD train augmentation.
 
 Writes `num_images` VOC-sized (500x375) JPEGs with VOC annotations to a
 temporary VOCdevkit, then prints images/s for: decoding alone (one process),
-the full per-example train path (read + decode + photometric + zoom-out +
-min-IoU crop + flip + resize to 300 + normalize + pad, one process) with the
-bilinear and the nearest resize (data.resize_method), and the grain train
-iterator with each `--workers` count (batches of --batch_size). Run it on an
-otherwise idle machine.
+the full per-example train path (read + decode + photometric draw + zoom-out +
+min-IoU crop + flip + resize to 300 + pad, one process) with the bilinear and
+the nearest resize (data.resize_method), with photometric distortion and
+normalisation left to the train step (data.pixels_on_device, the default) and
+done on the host, and the grain train iterator with each `--workers` count
+(batches of --batch_size). Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ def run(root: str, workers: list[int], batches: int, batch_size: int,
   seconds = time.perf_counter() - start
   print(f'decode only (1 process):                             {_rate(n, seconds)}')
 
-  for method in ('bilinear', 'nearest'):
+  for on_device, method in ((True, 'bilinear'), (True, 'nearest'), (False, 'bilinear')):
     config.data.resize_method = method
+    config.data.pixels_on_device = on_device
     loader = pipeline.ExampleLoader(source, augment.train_ops(config.data, 300),
                                     int(config.data.max_boxes), 'error')
     rng = np.random.default_rng(0)
@@ -101,9 +103,11 @@ def run(root: str, workers: list[int], batches: int, batch_size: int,
     start = time.perf_counter()
     for i in range(n):
       loader(i, rng)
-    print(f'full train augmentation, {method:8s} resize (1 process): '
-          f'{_rate(n, time.perf_counter() - start)}')
+    where = 'in the step' if on_device else 'on the host'
+    print(f'train augmentation, {method:8s} resize, photometric + normalize {where:11s} '
+          f'(1 process): {_rate(n, time.perf_counter() - start)}')
   config.data.resize_method = 'bilinear'
+  config.data.pixels_on_device = True
 
   for num_workers in workers:
     config.data.num_workers = num_workers
@@ -114,8 +118,8 @@ def run(root: str, workers: list[int], batches: int, batch_size: int,
     for _ in range(batches):
       next(it)
     seconds = time.perf_counter() - start
-    print(f'grain train iterator, bilinear, {num_workers} workers:          '
-          f'{_rate(batches * batch_size, seconds)}')
+    print(f'grain train iterator, bilinear, photometric + normalize in the step, '
+          f'{num_workers} workers: {_rate(batches * batch_size, seconds)}')
     close = getattr(it, 'close', None)
     if close:
       close()

@@ -23,8 +23,10 @@ Evaluation (`make_eval_batches`) is finite and unshuffled: every process
 gets the same number of batches (its shard padded with empty examples), and
 the `example_mask` field marks the real ones.
 
-Batch dict (docs/architecture.md): image float32 [B, S, S, 3] normalised,
-boxes float32 [B, M, 4] `[ymin, xmin, ymax, xmax]` normalised to the model
+Batch dict (docs/architecture.md): image [B, S, S, 3], uint8 RGB with
+`data.pixels_on_device` (then train batches also carry the photometric draw,
+photometric float32 [B, n, 5] and image_region int32 [B, 4], for the step's
+pixels.model_input) or else float32 normalised on the host, boxes float32 [B, M, 4] `[ymin, xmin, ymax, xmax]` normalised to the model
 input, labels int32 [B, M] (1..K, 0 on padding), mask bool [B, M], ignore
 bool [B, M], image_id int32 [B], orig_size int32 [B, 2] (h, w); eval batches
 also example_mask bool [B].
@@ -74,8 +76,9 @@ def pad_example(example: records.Example, max_boxes: int) -> dict[str, np.ndarra
   labels[:n] = example['labels']
   ignore[:n] = example['ignore']
   mask[:n] = True
-  return {
-      'image': np.asarray(example['image'], np.float32),
+  image = np.asarray(example['image'])
+  out = {
+      'image': image if image.dtype == np.uint8 else image.astype(np.float32),
       'boxes': boxes,
       'labels': labels,
       'mask': mask,
@@ -83,12 +86,17 @@ def pad_example(example: records.Example, max_boxes: int) -> dict[str, np.ndarra
       'image_id': np.int32(example['image_id']),
       'orig_size': np.asarray(example['orig_size'], np.int32).reshape(2),
   }
+  if 'photometric_stages' in example:  # photometric on the device (pixels.py)
+    out['photometric'] = np.stack(example['photometric_stages']).astype(np.float32)
+    out['image_region'] = np.asarray(example['image_region'], np.int32)
+  return out
 
 
-def empty_example(input_size: int, max_boxes: int) -> dict[str, np.ndarray]:
+def empty_example(input_size: int, max_boxes: int,
+                  image_dtype=np.float32) -> dict[str, np.ndarray]:
   """The padding example of eval batches (image_id -1, no boxes)."""
   return {
-      'image': np.zeros((input_size, input_size, 3), np.float32),
+      'image': np.zeros((input_size, input_size, 3), image_dtype),
       'boxes': np.zeros((max_boxes, 4), np.float32),
       'labels': np.zeros((max_boxes,), np.int32),
       'mask': np.zeros((max_boxes,), bool),
@@ -146,18 +154,22 @@ class _TrainMap(grain.transforms.RandomMap):
 
 class _EvalMap(grain.transforms.Map):
 
-  def __init__(self, loader: ExampleLoader, input_size: int):
+  def __init__(self, loader: ExampleLoader, input_size: int, image_dtype):
     self.loader = loader
     self.input_size = input_size
+    self.image_dtype = image_dtype
+
+  def _empty(self):
+    return empty_example(self.input_size, self.loader.max_boxes, self.image_dtype)
 
   def map(self, element: int):
     if element < 0:
-      out = empty_example(self.input_size, self.loader.max_boxes)
+      out = self._empty()
       out['example_mask'] = np.bool_(False)
       return out
     out = self.loader(element, None)
     if out is None:  # skipped bad example: keep the slot, masked out
-      out = empty_example(self.input_size, self.loader.max_boxes)
+      out = self._empty()
       out['example_mask'] = np.bool_(False)
       return out
     out['example_mask'] = np.bool_(True)
@@ -271,7 +283,8 @@ def make_eval_batches(config, split: str | None = None, process_index: int = 0,
   loader = ExampleLoader(source, augment.eval_ops(data_cfg, input_size),
                          int(data_cfg.max_boxes), data_cfg.on_bad_example)
   indices = eval_layout(n, batch_size, process_index, process_count)
-  ds = grain.MapDataset.source(indices).map(_EvalMap(loader, input_size))
+  image_dtype = np.uint8 if augment.pixels_on_device(data_cfg) else np.float32
+  ds = grain.MapDataset.source(indices).map(_EvalMap(loader, input_size, image_dtype))
   ds = ds.batch(batch_size, drop_remainder=False)
   ds = ds.to_iter_dataset(_read_options(data_cfg, 1))
   return ds.mp_prefetch(_mp_options(data_cfg))
@@ -287,5 +300,5 @@ def preprocess_for_inference(image: np.ndarray, config) -> np.ndarray:
   h, w = image.shape[:2]
   example = records.make_example(image=image, boxes=np.zeros((0, 4), np.float32), labels=[],
                                  ignore=[], image_id=-1, orig_size=(h, w), key='<inference>')
-  ops = augment.eval_ops(config.data, config.model.input_size)
+  ops = augment.eval_ops(config.data, config.model.input_size, host_normalize=True)
   return augment.apply(ops, example, None)['image']
