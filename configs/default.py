@@ -39,7 +39,8 @@ def get_config(arg=None):
   config.model.width = arg.width
   # From scratch, a plain VGG16 without BatchNorm barely moves in a few hundred
   # steps (SSD300 scored 0.0 mAP after 300); BN in the backbone and extra layers
-  # (ScratchDet) makes all three detectors train, on the same footing.
+  # (ScratchDet) makes SSD300 and SkipFPN-GRF train (DF-SSD300 does not under
+  # this recipe: docs/results.md).
   config.model.backbone_batch_norm = True
   # ...and heads that start near zero, so the first steps are not spent
   # undoing logits of Xavier-initialised heads on unit-variance BN features.

@@ -32,7 +32,10 @@ num_classes of the config) the same way on the same machine and batch:
 inference in `eval()` under `no_grad` (its transform, forward, decode and
 NMS; it resizes every input to 300x300), and an SGD step in `train()` with
 the batch's boxes as targets; `torch.set_num_threads(os.cpu_count())` on
-CPU. It prints the ratios ours / torchvision (above 1: ours is faster).
+CPU. Then both are timed again in alternation (--steps rounds of one call
+each) and the ratio ours / torchvision is the median of the per-round speed
+ratios (above 1: ours is faster), so load drifting on a shared machine
+affects both sides alike.
 Compare like with like: `configs/ssd300_*.py` is the same network.
 
 Timings mean something only on an otherwise idle machine.
@@ -82,6 +85,26 @@ def define_flags() -> None:
 
 
 # --------------------------------------------------------------- helpers ---
+
+
+# Key of the timed callables a bench function returns next to its measurements.
+TIMED = '_timed'
+
+
+def paired_seconds(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+  """Wall times of each `fn()` over `rounds` rounds, the calls alternating.
+
+  On a shared machine the load drifts over minutes; timing two programs in
+  alternation exposes both to the same drift, so their per-round ratio is
+  steadier than the ratio of two medians taken minutes apart.
+  """
+  times = {k: [] for k in fns}
+  for _ in range(max(1, rounds)):
+    for key, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[key].append(time.perf_counter() - start)
+  return times
 
 
 def median_seconds(fn: Callable[[], Any], steps: int, warmup: int) -> float:
@@ -173,8 +196,8 @@ def bench_model(config, batch: dict[str, np.ndarray], steps: int, warmup: int,
   start = time.perf_counter()
   predict_compiled = predict.lower(variables, images).compile()
   out['compile_seconds_inference'] = measurement(time.perf_counter() - start, device)
-  seconds = median_seconds(lambda: jax.block_until_ready(predict_compiled(variables, images)),
-                           steps, warmup)
+  infer = lambda: jax.block_until_ready(predict_compiled(variables, images))
+  seconds = median_seconds(infer, steps, warmup)
   out['inference_images_per_sec'] = measurement(size / seconds, device, median_seconds=seconds,
                                                 what='forward + decode + NMS')
 
@@ -185,7 +208,9 @@ def bench_model(config, batch: dict[str, np.ndarray], steps: int, warmup: int,
   start = time.perf_counter()
   step_compiled = step_fn.lower(state, global_batch, rng).compile()
   out['compile_seconds_train'] = measurement(time.perf_counter() - start, device)
-  holder = [state]
+  # The step donates its state; `infer` keeps the original variables, so the
+  # step gets a copy (both stay callable for the paired timing).
+  holder = [jax.tree.map(jnp.copy, state)]
 
   def one_step():
     # The step donates its input state: carry the new one forward.
@@ -196,6 +221,7 @@ def bench_model(config, batch: dict[str, np.ndarray], steps: int, warmup: int,
   out['train_images_per_sec'] = measurement(size / seconds, device, median_seconds=seconds,
                                             what='forward + loss + backward + SGD')
   out['peak_memory_bytes'] = peak_memory(list(mesh.devices.flat))
+  out[TIMED] = {'inference_images_per_sec': infer, 'train_images_per_sec': one_step}
   return out
 
 
@@ -297,19 +323,20 @@ def bench_torchvision(config, batch: dict[str, np.ndarray], steps: int, warmup: 
 
   sync = torch.cuda.synchronize if use_cuda else (lambda: None)
 
+  # Each call sets its mode, so the paired timing can alternate them.
   def infer():
+    model.eval()
     with torch.no_grad():
       model(images)
     sync()
 
-  model.eval()
   infer()                                 # first call (allocations, lazy init) untimed
   infer_seconds = median_seconds(infer, steps, warmup)
 
-  model.train()
   optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
 
   def train_step():
+    model.train()
     losses = model(images, targets)
     loss = sum(losses.values())
     optimizer.zero_grad()
@@ -321,6 +348,7 @@ def bench_torchvision(config, batch: dict[str, np.ndarray], steps: int, warmup: 
   train_seconds = median_seconds(train_step, steps, warmup)
   n = len(images)
   return {
+      TIMED: {'inference_images_per_sec': infer, 'train_images_per_sec': train_step},
       'available': True,
       'model': f'torchvision {torchvision.__version__} ssd300_vgg16 (weights=None, '
                f'num_classes={int(config.model.num_classes)}, input resized to 300)',
@@ -374,8 +402,17 @@ def format_report(results: dict[str, Any]) -> str:
       lines.append(f'{tv["model"]}:')
       for key, label in (('inference_images_per_sec', 'inference (images/s)'),
                          ('train_images_per_sec', 'training (images/s)')):
-        lines.append(f'{label:<32} {tv[key]["value"]:>12.2f}  {tv[key]["device"]}   '
-                     f'ours / torchvision = {results["ratios"][key]:.2f}')
+        lines.append(f'{label:<32} {tv[key]["value"]:>12.2f}  {tv[key]["device"]}')
+      lines.append('')
+      lines.append(f'paired: ours and torchvision alternating, {results["steps"]} rounds; '
+                   'ours / torchvision = median of the per-round speed ratios')
+      n = results['batch']
+      for key, label in (('inference_images_per_sec', 'inference'),
+                         ('train_images_per_sec', 'training')):
+        p = results['paired'][key]
+        lines.append(f'{label:<10} ours {n / p["ours_median_seconds"]:.2f} images/s, torchvision '
+                     f'{n / p["torchvision_median_seconds"]:.2f} images/s, ours / torchvision = '
+                     f'{results["ratios"][key]:.2f}')
   return '\n'.join(lines)
 
 
@@ -410,12 +447,21 @@ def run(config, config_name: str, batch_size: int = 0, steps: int = 10, warmup: 
     results['data_images_per_sec'] = {'value': None, 'device': 'not measured (--synthetic)'}
   else:
     results['data_images_per_sec'] = bench_data(config, steps, warmup)
+  ours_timed = results.pop(TIMED)
   if compare_torchvision:
     tv = bench_torchvision(config, batch, steps, warmup)
     results['torchvision'] = tv
     if tv['available']:
-      results['ratios'] = {k: results[k]['value'] / tv[k]['value']
-                           for k in ('inference_images_per_sec', 'train_images_per_sec')}
+      tv_timed = tv.pop(TIMED)
+      results['ratios'], results['paired'] = {}, {}
+      for key in ('inference_images_per_sec', 'train_images_per_sec'):
+        times = paired_seconds({'ours': ours_timed[key], 'torchvision': tv_timed[key]}, steps)
+        per_round = [t / o for o, t in zip(times['ours'], times['torchvision'])]
+        results['ratios'][key] = statistics.median(per_round)
+        results['paired'][key] = {
+            'ours_median_seconds': statistics.median(times['ours']),
+            'torchvision_median_seconds': statistics.median(times['torchvision']),
+            'per_round_ratios': per_round}
   return results
 
 

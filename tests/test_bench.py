@@ -46,6 +46,18 @@ def test_bench_smoke(tmp_path):
   else:
     assert tv['available'] and set(results['ratios']) == {'inference_images_per_sec',
                                                            'train_images_per_sec'}
+    for key, paired in results['paired'].items():
+      assert len(paired['per_round_ratios']) == 2 and results['ratios'][key] > 0
+
+
+def test_paired_seconds_alternates_the_calls():
+  from smallssd_jax import bench  # pylint: disable=g-import-not-at-top
+  calls = []
+  times = bench.paired_seconds({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')},
+                               3)
+  assert calls == ['a', 'b'] * 3
+  assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3}
+  assert all(t >= 0 for v in times.values() for t in v)
 
 
 def test_synthetic_batch_has_the_pipeline_shapes():
@@ -53,11 +65,13 @@ def test_synthetic_batch_has_the_pipeline_shapes():
   from smallssd_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
   from smallssd_jax.datasets import pipeline  # pylint: disable=g-import-not-at-top
   cfg = load_config(str(REPO / 'configs' / 'default.py') + ':runlocal')
-  cfg.data.augment = []
-  real = next(pipeline.make_train_iterator(cfg))
-  fake = bench.synthetic_batch(cfg)
-  assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {
-      k: (v.shape, v.dtype) for k, v in real.items()}
+  for on_device, augment in ((True, ['photometric']), (True, []), (False, ['photometric'])):
+    cfg.data.augment = augment
+    cfg.data.pixels_on_device = on_device
+    real = next(pipeline.make_train_iterator(cfg))
+    fake = bench.synthetic_batch(cfg)
+    assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {
+        k: (v.shape, v.dtype) for k, v in real.items()}, (on_device, augment)
   boxes = fake['boxes'][fake['mask']]
   assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes >= 0).all() and (boxes <= 1).all()
   labels = fake['labels'][fake['mask']]
@@ -77,9 +91,15 @@ def test_report_shows_skipped_data_and_torchvision_ratios():
                       'inference_images_per_sec': {'value': 4.0, 'device': 'torch cpu'},
                       'train_images_per_sec': {'value': 1.0, 'device': 'torch cpu'}},
       'ratios': {'inference_images_per_sec': 0.5, 'train_images_per_sec': 2.0},
+      'paired': {'inference_images_per_sec': {'ours_median_seconds': 4.0,
+                                              'torchvision_median_seconds': 2.0},
+                 'train_images_per_sec': {'ours_median_seconds': 4.0,
+                                          'torchvision_median_seconds': 8.0}},
   }
   results['data_images_per_sec'] = {'value': None, 'device': 'not measured (--synthetic)'}
   report = bench.format_report(results)
   assert 'skipped  not measured (--synthetic)' in report
   assert 'ours / torchvision = 0.50' in report and 'ours / torchvision = 2.00' in report
+  assert 'inference  ours 2.00 images/s, torchvision 4.00 images/s' in report
+  assert 'training   ours 2.00 images/s, torchvision 1.00 images/s' in report
   assert 'not the same network' not in report      # SSD300 at width 1 against SSD300
