@@ -1,6 +1,7 @@
 """Augmentation ops on hand-made examples with known answers."""
 
 import io
+import sys
 
 import numpy as np
 from PIL import Image
@@ -284,7 +285,7 @@ def test_ops_from_config(on_device):
     augment.train_ops(cfg, 64)
 
 
-@pytest.mark.parametrize('method, atol', [('bilinear', 1.5), ('nearest', 2.6)])
+@pytest.mark.parametrize('method, atol', [('bilinear', 1.5), ('nearest', 2.6), ('opencv', 1.5)])
 def test_resample_follows_the_window_exactly(method, atol):
   # R encodes the source column, G the source row (2 levels per pixel):
   # bilinear resampling preserves a linear ramp, so every output pixel tells
@@ -313,3 +314,34 @@ def test_resample_follows_the_window_exactly(method, atol):
                                atol=atol)
     np.testing.assert_allclose(inner[..., 1],
                                np.broadcast_to(2 * src_y[rows, None], inner.shape[:2]), atol=atol)
+
+
+def test_opencv_resample_matches_pil_on_smooth_images():
+  # Same window, same output grid: on a smooth image OpenCV's (unfiltered)
+  # bilinear and PIL's antialiased one agree; on noise they differ.
+  rng = np.random.default_rng(5)
+  yy, xx = np.mgrid[0:90, 0:130]
+  smooth = np.stack([xx * 1.5, yy * 2.0, 100 + 50 * np.sin(xx / 9.0)], -1).astype(np.uint8)
+  ex = augment.reframe(_example(smooth, [[0.2, 0.2, 0.5, 0.5]]), (0.1, 0.05, 0.93, 0.88))
+  pil = augment.resize(ex, size=70, fill=MEAN, method='bilinear')['image'].astype(float)
+  cv = augment.resize(ex, size=70, fill=MEAN, method='opencv')['image'].astype(float)
+  assert np.abs(pil - cv)[2:-2, 2:-2].max() <= 2.0
+  noise = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
+  ex = augment.reframe(_example(noise, [[0.2, 0.2, 0.5, 0.5]]), (0.1, 0.05, 0.93, 0.88))
+  pil = augment.resize(ex, size=70, fill=MEAN, method='bilinear')['image'].astype(float)
+  cv = augment.resize(ex, size=70, fill=MEAN, method='opencv')['image'].astype(float)
+  assert np.abs(pil - cv).mean() > 3.0
+  with pytest.raises(ValueError, match='resize method'):
+    augment.resize(ex, size=70, fill=MEAN, method='cubic')
+
+
+def test_opencv_resample_without_opencv_is_a_clear_error(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'cv2', None)   # import cv2 -> ImportError
+  augment._cv2.cache_clear()
+  try:
+    ex = _example(np.zeros((20, 30, 3), np.uint8), [[0.2, 0.2, 0.5, 0.5]])
+    ex = augment.reframe(ex, (0.1, 0.1, 0.9, 0.9))
+    with pytest.raises(ImportError, match=r'smallssd_jax\[opencv\]'):
+      augment.resize(ex, size=16, fill=MEAN, method='opencv')
+  finally:
+    augment._cv2.cache_clear()

@@ -17,8 +17,10 @@ JPEG is first decoded at the smallest DCT scale that still covers the window
 (`Image.draft`), so a 4x zoom-out decodes at 1/2 or 1/4 size. Geometrically
 this is exactly Caffe's expand -> crop -> resize (composition of axis-aligned
 affine maps), up to interpolation. The resize is PIL's bilinear (antialiased
-when shrinking); `data.resize_method` 'nearest' is cheaper and 'random' draws
-Caffe's per-image interpolation (linear, area, nearest, cubic, Lanczos).
+when shrinking); `data.resize_method` 'nearest' is cheaper, 'opencv' is
+OpenCV's INTER_LINEAR (what Caffe uses, about twice as fast as PIL's; the
+`opencv` extra) and 'random' draws Caffe's per-image interpolation (linear,
+area, nearest, cubic, Lanczos).
 
 Photometric distortion is pointwise, so it commutes with the geometry: the
 `photometric` op samples Caffe's parameters where it stands in the list and
@@ -421,6 +423,37 @@ def _fill_canvas(size: int, fill: tuple[int, int, int]) -> np.ndarray:
 # these five (LINEAR, AREA, NEAREST, CUBIC, LANCZOS4); PIL's BOX is its AREA.
 _CAFFE_INTERPOLATIONS = (Image.BILINEAR, Image.BOX, Image.NEAREST, Image.BICUBIC, Image.LANCZOS)
 _METHODS = {'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST}
+_RESIZE_METHODS = ('bilinear', 'nearest', 'random', 'opencv')
+
+
+@functools.lru_cache(maxsize=1)
+def _cv2():
+  try:
+    import cv2  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("data.resize_method='opencv' needs OpenCV: pip install "
+                      "'smallssd_jax[opencv]' (or opencv-python-headless)") from e
+  cv2.setNumThreads(1)  # one image per call; parallelism comes from read threads / workers
+  return cv2
+
+
+def _resample_opencv(pil: Image.Image, size_wh: tuple[int, int],
+                     box: tuple[float, float, float, float]) -> Image.Image:
+  """OpenCV INTER_LINEAR resample of `box` (PIL's box semantics) to `size_wh`.
+
+  Caffe's own interpolation (cv::resize / warpAffine, bilinear without
+  antialiasing), about twice as fast as PIL's antialiased bilinear.
+  """
+  cv2 = _cv2()
+  (out_w, out_h), (x0, y0, x1, y1) = size_wh, box
+  sx, sy = (x1 - x0) / out_w, (y1 - y0) / out_h
+  # Output pixel centre i + 1/2 <- source x0 + (i + 1/2) sx, in OpenCV's
+  # pixel-centre coordinates (minus 1/2).
+  matrix = np.array([[sx, 0.0, x0 + 0.5 * sx - 0.5], [0.0, sy, y0 + 0.5 * sy - 0.5]])
+  out = cv2.warpAffine(np.asarray(pil), matrix, (out_w, out_h),
+                       flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                       borderMode=cv2.BORDER_REPLICATE)
+  return Image.fromarray(out)
 
 
 def resize(example: Example, rng: np.random.Generator | None = None, *, size: int,
@@ -437,16 +470,20 @@ def resize(example: Example, rng: np.random.Generator | None = None, *, size: in
 
   Args:
     method: 'bilinear' (PIL's, antialiased when shrinking), 'nearest' (about
-      20x cheaper), or 'random': Caffe's per-image choice among bilinear,
-      area, nearest, bicubic and Lanczos (bilinear without an rng).
+      10x cheaper), 'opencv' (OpenCV's INTER_LINEAR, Caffe's own, not
+      antialiased, about 2x cheaper; needs the `opencv` extra), or
+      'random': Caffe's per-image choice among bilinear, area, nearest,
+      bicubic and Lanczos (bilinear without an rng).
   """
   if method == 'random':
     resample = (_CAFFE_INTERPOLATIONS[int(rng.integers(len(_CAFFE_INTERPOLATIONS)))]
                 if rng is not None else Image.BILINEAR)
   elif method in _METHODS:
     resample = _METHODS[method]
+  elif method == 'opencv':
+    resample = None
   else:
-    raise ValueError(f"resize method must be 'bilinear', 'nearest' or 'random', got {method!r}")
+    raise ValueError(f'resize method must be one of {_RESIZE_METHODS}, got {method!r}')
   window = _window(example)
   ya, yb = sorted((window[0], window[2]))
   xa, xb = sorted((window[1], window[3]))
@@ -466,6 +503,8 @@ def resize(example: Example, rng: np.random.Generator | None = None, *, size: in
            min(max(w * (xa + c1 * dx), 0.0), w), min(max(h * (ya + r1 * dy), 0.0), h))
     if (c1 - c0, r1 - r0) == (w, h) and np.allclose(box, (0, 0, w, h)):
       region = pil  # already at the output scale: no resample
+    elif resample is None:
+      region = _resample_opencv(pil, (c1 - c0, r1 - r0), box)
     else:
       region = pil.resize((c1 - c0, r1 - r0), resample, box=box)
     # Mirror the region (PIL, cheap) and its place instead of the whole canvas.

@@ -5,8 +5,8 @@ r"""Data-loading throughput: decode only, and the full SSD train augmentation.
 Writes `num_images` VOC-sized (500x375) JPEGs with VOC annotations to a
 temporary VOCdevkit, then prints images/s for: decoding alone (one process),
 the full per-example train path (read + decode + photometric draw + zoom-out +
-min-IoU crop + flip + resize to 300 + pad, one process) with the bilinear and
-the nearest resize (data.resize_method), with photometric distortion and
+min-IoU crop + flip + resize to 300 + pad, one process) with the bilinear, the
+nearest and (when OpenCV is installed) the opencv resize (data.resize_method), with photometric distortion and
 normalisation left to the train step (data.pixels_on_device, the default) and
 done on the host, and the grain train iterator with each `--workers` count
 (batches of --batch_size). Run it on an otherwise idle machine.
@@ -14,6 +14,7 @@ done on the host, and the grain train iterator with each `--workers` count
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 import time
@@ -93,7 +94,10 @@ def run(root: str, workers: list[int], batches: int, batch_size: int,
   seconds = time.perf_counter() - start
   print(f'decode only (1 process):                             {_rate(n, seconds)}')
 
-  for on_device, method in ((True, 'bilinear'), (True, 'nearest'), (False, 'bilinear')):
+  runs = [(True, 'bilinear'), (True, 'nearest'), (False, 'bilinear')]
+  if importlib.util.find_spec('cv2') is not None:
+    runs.insert(2, (True, 'opencv'))
+  for on_device, method in runs:
     config.data.resize_method = method
     config.data.pixels_on_device = on_device
     loader = pipeline.ExampleLoader(source, augment.train_ops(config.data, 300),
