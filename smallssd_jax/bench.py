@@ -261,9 +261,12 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     image = pixels
     stages = list(config.data.augment).count('photometric')
     if stages:
-      draw = lambda: augment.stage_vector(augment.sample_photometric(rng))
-      extra['photometric'] = np.array([[draw() for _ in range(stages)] for _ in range(b)],
-                                      np.float32)
+      # The pipeline's own photometric op, with the config's parameters.
+      photometric = augment.op_registry(config.data, s)['photometric']
+      draws = [{} for _ in range(b)]
+      for _ in range(stages):
+        draws = [photometric(d, rng) for d in draws]
+      extra['photometric'] = np.array([d['photometric_stages'] for d in draws], np.float32)
       extra['image_region'] = np.tile(np.array([0, s, 0, s], np.int32), (b, 1))
   else:
     image = ((pixels - np.asarray(config.data.mean, np.float32)) /

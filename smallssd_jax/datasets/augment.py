@@ -29,8 +29,9 @@ come from the image only, so the zoom-out fill stays the undistorted mean
 colour as in Caffe. With `data.pixels_on_device` (the presets' default) the
 draw travels with the uint8 batch and the jitted step applies it and
 normalises (pixels.py); otherwise `resize` applies it here and `normalize`
-makes the float32 input on the host. The arithmetic is Caffe's on 8-bit images (OpenCV
-`convertTo` with rounding and saturation): brightness `x + delta`, contrast
+makes the float32 input on the host. The arithmetic is Caffe's on 8-bit
+images (OpenCV `convertTo` with rounding and saturation): brightness
+`x + delta`, contrast
 `x * alpha` (a gain, as in Caffe), saturation `S * k` in HSV, hue `H + delta`
 in OpenCV's 8-bit hue units (2 degrees; delta 18 = 36 degrees). Hue and
 saturation run in one vectorised float32 HSV round trip (exact HSV, within
@@ -423,7 +424,7 @@ def _fill_canvas(size: int, fill: tuple[int, int, int]) -> np.ndarray:
 # these five (LINEAR, AREA, NEAREST, CUBIC, LANCZOS4); PIL's BOX is its AREA.
 _CAFFE_INTERPOLATIONS = (Image.BILINEAR, Image.BOX, Image.NEAREST, Image.BICUBIC, Image.LANCZOS)
 _METHODS = {'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST}
-_RESIZE_METHODS = ('bilinear', 'nearest', 'random', 'opencv')
+_RESIZE_METHODS = (*_METHODS, 'random', 'opencv')
 
 
 @functools.lru_cache(maxsize=1)
@@ -475,15 +476,17 @@ def resize(example: Example, rng: np.random.Generator | None = None, *, size: in
       'random': Caffe's per-image choice among bilinear, area, nearest,
       bicubic and Lanczos (bilinear without an rng).
   """
-  if method == 'random':
-    resample = (_CAFFE_INTERPOLATIONS[int(rng.integers(len(_CAFFE_INTERPOLATIONS)))]
-                if rng is not None else Image.BILINEAR)
-  elif method in _METHODS:
-    resample = _METHODS[method]
-  elif method == 'opencv':
-    resample = None
+  if method == 'opencv':
+    resample = _resample_opencv
   else:
-    raise ValueError(f'resize method must be one of {_RESIZE_METHODS}, got {method!r}')
+    if method == 'random':
+      pil_filter = (_CAFFE_INTERPOLATIONS[int(rng.integers(len(_CAFFE_INTERPOLATIONS)))]
+                    if rng is not None else Image.BILINEAR)
+    elif method in _METHODS:
+      pil_filter = _METHODS[method]
+    else:
+      raise ValueError(f'resize method must be one of {_RESIZE_METHODS}, got {method!r}')
+    resample = lambda pil, size_wh, box: pil.resize(size_wh, pil_filter, box=box)
   window = _window(example)
   ya, yb = sorted((window[0], window[2]))
   xa, xb = sorted((window[1], window[3]))
@@ -503,10 +506,8 @@ def resize(example: Example, rng: np.random.Generator | None = None, *, size: in
            min(max(w * (xa + c1 * dx), 0.0), w), min(max(h * (ya + r1 * dy), 0.0), h))
     if (c1 - c0, r1 - r0) == (w, h) and np.allclose(box, (0, 0, w, h)):
       region = pil  # already at the output scale: no resample
-    elif resample is None:
-      region = _resample_opencv(pil, (c1 - c0, r1 - r0), box)
     else:
-      region = pil.resize((c1 - c0, r1 - r0), resample, box=box)
+      region = resample(pil, (c1 - c0, r1 - r0), box)
     # Mirror the region (PIL, cheap) and its place instead of the whole canvas.
     if window[1] > window[3]:
       region = region.transpose(Image.FLIP_LEFT_RIGHT)

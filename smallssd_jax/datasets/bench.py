@@ -6,10 +6,11 @@ Writes `num_images` VOC-sized (500x375) JPEGs with VOC annotations to a
 temporary VOCdevkit, then prints images/s for: decoding alone (one process),
 the full per-example train path (read + decode + photometric draw + zoom-out +
 min-IoU crop + flip + resize to 300 + pad, one process) with the bilinear, the
-nearest and (when OpenCV is installed) the opencv resize (data.resize_method), with photometric distortion and
-normalisation left to the train step (data.pixels_on_device, the default) and
-done on the host, and the grain train iterator with each `--workers` count
-(batches of --batch_size). Run it on an otherwise idle machine.
+nearest and (when OpenCV is installed) the opencv resize (data.resize_method),
+with photometric distortion and normalisation left to the train step
+(data.pixels_on_device, the default) and done on the host, and the grain
+train iterator with each `--workers` count (batches of --batch_size). Run it
+on an otherwise idle machine.
 """
 
 from __future__ import annotations

@@ -26,10 +26,11 @@ the `example_mask` field marks the real ones.
 Batch dict (docs/architecture.md): image [B, S, S, 3], uint8 RGB with
 `data.pixels_on_device` (then train batches also carry the photometric draw,
 photometric float32 [B, n, 5] and image_region int32 [B, 4], for the step's
-pixels.model_input) or else float32 normalised on the host, boxes float32 [B, M, 4] `[ymin, xmin, ymax, xmax]` normalised to the model
-input, labels int32 [B, M] (1..K, 0 on padding), mask bool [B, M], ignore
-bool [B, M], image_id int32 [B], orig_size int32 [B, 2] (h, w); eval batches
-also example_mask bool [B].
+pixels.model_input) or else float32 normalised on the host, boxes float32
+[B, M, 4] `[ymin, xmin, ymax, xmax]` normalised to the model input, labels
+int32 [B, M] (1..K, 0 on padding), mask bool [B, M], ignore bool [B, M],
+image_id int32 [B], orig_size int32 [B, 2] (h, w); eval batches also
+example_mask bool [B].
 """
 
 from __future__ import annotations
