@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+from typing import Any
 
 import ml_collections
 
@@ -18,3 +19,26 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+_TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
+
+
+def auto_bool(value: Any, field: str) -> bool | str:
+  """A config switch that may be 'auto': returns 'auto', True or False.
+
+  Such fields hold the string 'auto' by default, so the command line
+  (`--config.data.X=False`) sets them as strings: 'true' / 'false' (any
+  case), 1 / 0, yes / no and on / off are read as booleans; anything else is
+  an error naming `field`.
+  """
+  if isinstance(value, bool):
+    return value
+  text = str(value).strip().lower()
+  if text == 'auto':
+    return 'auto'
+  if text in _TRUE:
+    return True
+  if text in _FALSE:
+    return False
+  raise ValueError(f"{field} must be True, False or 'auto', got {value!r}")

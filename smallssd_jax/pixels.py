@@ -19,6 +19,15 @@ One photometric stage is Caffe's DistortImage: five values
 `IDENTITY_STAGE` (datasets/augment.py `stage_vector`); a batch carries
 `photometric` float32 [B, n_stages, 5] and `image_region` int32 [B, 4]
 `(row0, row1, col0, col1)`.
+
+With `data.resample_on_device` as well, train batches carry the decoded
+source image instead of the resampled one: `image` uint8 [B, Hc, Wc, 3] (the
+source in the top-left corner of a fixed canvas, `data.source_canvas`),
+`source_size` int32 [B, 2] (its height and width) and `window` float32 [B, 4]
+(the region of the source the output shows, normalised `[y0, x0, y1, x1]`,
+x0 > x1 when mirrored; datasets/augment.py), and `resample` realises the
+window here with PIL's antialiased bilinear arithmetic. The host then only
+decodes.
 """
 
 from __future__ import annotations
@@ -30,15 +39,23 @@ import jax.numpy as jnp
 
 
 class PixelConfig(NamedTuple):
-  """Normalisation of the model input: `(x[..., ::-1] if bgr else x) - mean) / std`."""
+  """Normalisation of the model input: `(x[..., ::-1] if bgr else x) - mean) / std`.
+
+  `size` (the model's input size) and `fill` (the zoom-out fill, RGB) are what
+  `resample` needs for batches that carry the source image.
+  """
   mean: tuple[float, ...]
   std: tuple[float, ...]
   bgr: bool
+  size: int = 0
+  fill: tuple[float, ...] = (0.0, 0.0, 0.0)
 
   @classmethod
-  def from_data_config(cls, data_cfg) -> 'PixelConfig':
-    return cls(tuple(float(v) for v in data_cfg.mean), tuple(float(v) for v in data_cfg.std),
-               bool(data_cfg.bgr))
+  def from_data_config(cls, data_cfg, input_size: int = 0) -> 'PixelConfig':
+    mean = tuple(float(v) for v in data_cfg.mean)
+    fill = mean[::-1] if data_cfg.bgr else mean  # the mean colour in RGB
+    return cls(mean, tuple(float(v) for v in data_cfg.std), bool(data_cfg.bgr),
+               int(input_size), tuple(float(min(max(round(v), 0), 255)) for v in fill))
 
 
 def _round_u8(x: jax.Array) -> jax.Array:
@@ -73,6 +90,14 @@ def _per_image(values: jax.Array) -> jax.Array:
   return values[:, None, None, None]
 
 
+def _inside(region: jax.Array, height: int, width: int) -> jax.Array:
+  """[B, H, W, 1] mask of the pixels in region [B, 4] (row0, row1, col0, col1)."""
+  rows = jnp.arange(height)[None, :, None, None]
+  cols = jnp.arange(width)[None, None, :, None]
+  r0, r1, c0, c1 = (region[:, i][:, None, None, None] for i in range(4))
+  return (rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1)
+
+
 def photometric(images: jax.Array, stages: jax.Array, region: jax.Array) -> jax.Array:
   """Caffe's photometric distortion of float images [B, H, W, 3] holding 0..255 integers.
 
@@ -92,12 +117,65 @@ def photometric(images: jax.Array, stages: jax.Array, region: jax.Array) -> jax.
     hsv = (sat != 1.0) | (hue != 0.0)
     x = jnp.where(_per_image(hsv), adjust_hsv(x, sat[:, None, None], hue[:, None, None]), x)
     x = jnp.where(_per_image(contrast_b != 1.0), _round_u8(x * _per_image(contrast_b)), x)
-  _, height, width, _ = images.shape
-  rows = jnp.arange(height)[None, :, None, None]
-  cols = jnp.arange(width)[None, None, :, None]
-  r0, r1, c0, c1 = (region[:, i][:, None, None, None] for i in range(4))
-  inside = (rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1)
-  return jnp.where(inside, x, images)
+  return jnp.where(_inside(region, *images.shape[1:3]), x, images)
+
+
+def resample_weights(lo: jax.Array, hi: jax.Array, mirrored: jax.Array, length: jax.Array,
+                     canvas: int, size: int) -> jax.Array:
+  """PIL's antialiased bilinear coefficients along one axis, per image: [B, size, canvas].
+
+  Output pixel i shows the source interval [lo, hi] (normalised, lo < hi) at
+  i (or size - 1 - i when `mirrored`); its centre in source pixels is
+  c = length * (lo + (i + 1/2) * (hi - lo) / size) and, with the scale
+  s = length * (hi - lo) / size, source pixel j (centre j + 1/2, j < length)
+  weighs max(0, 1 - |j + 1/2 - c| / max(s, 1)), normalised to sum 1 (PIL's
+  `precompute_coeffs` with its bilinear filter). Rows without a source pixel
+  in reach are zero (they lie outside the image region).
+  """
+  f32 = jnp.float32
+  lo, hi, length = (jnp.asarray(v, f32)[:, None] for v in (lo, hi, length))
+  scale = length * (hi - lo) / size  # source pixels per output pixel
+  i = jnp.arange(size, dtype=f32)[None, :]
+  i = jnp.where(jnp.asarray(mirrored)[:, None], size - 1 - i, i)
+  centre = length * lo + (i + 0.5) * scale
+  support = jnp.maximum(scale, 1.0)[..., None]
+  j = jnp.arange(canvas, dtype=f32)[None, None, :]
+  w = jnp.maximum(0.0, 1.0 - jnp.abs(j + 0.5 - centre[..., None]) / support)
+  w = jnp.where(j < length[..., None], w, 0.0)
+  total = jnp.sum(w, -1, keepdims=True)
+  return w / jnp.where(total > 0, total, 1.0)
+
+
+def resample(source: jax.Array, source_size: jax.Array, window: jax.Array,
+             region: jax.Array, size: int, fill: tuple[float, ...]) -> jax.Array:
+  """The train pipeline's `resize` (datasets/augment.py) on the device.
+
+  Args:
+    source: uint8 [B, Hc, Wc, 3], each source image in the top-left corner.
+    source_size: [B, 2] int, the images' (height, width) in the canvas.
+    window: [B, 4] float, normalised `[y0, x0, y1, x1]` of the source shown
+      by the output (y0 > y1 / x0 > x1: mirrored).
+    region: [B, 4] int (row0, row1, col0, col1), the output pixels that lie
+      on the image; the rest is `fill`.
+  Returns:
+    float32 [B, size, size, 3] holding integers 0..255: PIL's two passes
+    (horizontal, then vertical), each rounded to 8 bits as PIL does, so the
+    result is the host path's up to PIL's fixed-point coefficients.
+  """
+  _, hc, wc, _ = source.shape
+  window = window.astype(jnp.float32)
+  size_f = source_size.astype(jnp.float32)
+  wy = resample_weights(jnp.minimum(window[:, 0], window[:, 2]),
+                        jnp.maximum(window[:, 0], window[:, 2]), window[:, 0] > window[:, 2],
+                        size_f[:, 0], hc, size)
+  wx = resample_weights(jnp.minimum(window[:, 1], window[:, 3]),
+                        jnp.maximum(window[:, 1], window[:, 3]), window[:, 1] > window[:, 3],
+                        size_f[:, 1], wc, size)
+  hp = jax.lax.Precision.HIGHEST
+  x = source.astype(jnp.float32)
+  x = _round_u8(jnp.einsum('bjx,byxc->byjc', wx, x, precision=hp))
+  x = _round_u8(jnp.einsum('biy,byjc->bijc', wy, x, precision=hp))
+  return jnp.where(_inside(region, size, size), x, jnp.asarray(fill, jnp.float32))
 
 
 def normalize(images: jax.Array, cfg: PixelConfig) -> jax.Array:
@@ -113,12 +191,20 @@ def normalize(images: jax.Array, cfg: PixelConfig) -> jax.Array:
 
 
 def model_input(batch: dict[str, jax.Array], cfg: PixelConfig) -> jax.Array:
-  """The float32 model input of a batch: uint8 images are distorted (when the batch
-  carries `photometric`) and normalised; float images are already the input."""
+  """The float32 model input of a batch: uint8 images are resampled (when the
+  batch carries the source `window`), distorted (when it carries
+  `photometric`) and normalised; float images are already the input."""
   images = batch['image']
   if images.dtype != jnp.uint8:
     return images
-  x = images.astype(jnp.float32)
+  if 'window' in batch:
+    if not cfg.size:
+      raise ValueError('the batch carries source images (data.resample_on_device) but the '
+                       'PixelConfig has no input size')
+    x = resample(images, batch['source_size'], batch['window'], batch['image_region'],
+                 cfg.size, cfg.fill)
+  else:
+    x = images.astype(jnp.float32)
   if 'photometric' in batch:
     x = photometric(x, batch['photometric'], batch['image_region'])
   return normalize(x, cfg)

@@ -257,6 +257,11 @@ def data(name: str = 'builtin_small', **overrides) -> ConfigDict:
       # Photometric distortion + normalisation in the jitted step on uint8
       # batches (pixels.py); False: on the host, float32 batches.
       pixels_on_device=True,
+      # The train resample in the step as well (pixels.py): batches carry the
+      # decoded source in a fixed canvas, [0, 0] = the dataset's largest image.
+      # 'auto': on GPU / TPU (on a CPU, PIL's resample on the host is cheaper).
+      resample_on_device='auto',
+      source_canvas=[0, 0],
       zoom_out_max=4.0,
       num_workers=0,
       prefetch=2,

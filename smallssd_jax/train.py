@@ -81,7 +81,8 @@ def build(config: ml_collections.ConfigDict) -> Detector:
   module = models.build_detector(config.model, anchors_lib.anchors_per_location(config.anchors))
   models.check_anchor_count(module, config.model, priors.shape[0])
   return Detector(module=module, anchors=priors, two_step=config.model.head == 'two_step',
-                  pixels=pixels_lib.PixelConfig.from_data_config(config.data))
+                  pixels=pixels_lib.PixelConfig.from_data_config(
+                      config.data, int(config.model.input_size)))
 
 
 # ----------------------------------------------------------------- state ---

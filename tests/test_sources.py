@@ -359,6 +359,11 @@ def test_kitti_flip_decision():
   with pytest.raises(ValueError, match='tfds_kitti_flipped'):
     tfds_sources.kitti_boxes_flipped('4.0.0')
   assert not tfds_sources.kitti_boxes_flipped('4.0.0', override=False)
+  # From the command line the 'auto' field arrives as a string.
+  assert not tfds_sources.kitti_boxes_flipped('3.2.0', override='False')
+  assert tfds_sources.kitti_boxes_flipped('4.0.0', override='true')
+  with pytest.raises(ValueError, match='data.tfds_kitti_flipped'):
+    tfds_sources.kitti_boxes_flipped('3.2.0', override='maybe')
 
 
 def test_tfds_voc_records():

@@ -60,6 +60,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from smallssd_jax import config_lib
 from smallssd_jax.datasets import records
 
 Example = records.Example
@@ -458,7 +459,8 @@ def _resample_opencv(pil: Image.Image, size_wh: tuple[int, int],
 
 
 def resize(example: Example, rng: np.random.Generator | None = None, *, size: int,
-           fill: Sequence[float] = (123, 117, 104), method: str = 'bilinear') -> Example:
+           fill: Sequence[float] = (123, 117, 104), method: str = 'bilinear',
+           source_canvas: tuple[int, int] | None = None) -> Example:
   """Realises the example at `size` x `size`: one resample of the window.
 
   Decodes the image when needed (at a reduced JPEG scale when the window
@@ -475,6 +477,11 @@ def resize(example: Example, rng: np.random.Generator | None = None, *, size: in
       antialiased, about 2x cheaper; needs the `opencv` extra), or
       'random': Caffe's per-image choice among bilinear, area, nearest,
       bicubic and Lanczos (bilinear without an rng).
+    source_canvas: (height, width) to leave the resample to the train step
+      (data.resample_on_device, pixels.resample; bilinear only): the decoded
+      source goes to the top-left corner of a uint8 canvas of this size (a
+      larger source is first shrunk to fit, keeping its aspect) and the
+      example keeps its `window` (float32) and gains `source_size` (h, w).
   """
   if method == 'opencv':
     resample = _resample_opencv
@@ -487,21 +494,40 @@ def resize(example: Example, rng: np.random.Generator | None = None, *, size: in
     else:
       raise ValueError(f'resize method must be one of {_RESIZE_METHODS}, got {method!r}')
     resample = lambda pil, size_wh, box: pil.resize(size_wh, pil_filter, box=box)
+  if source_canvas is not None and method != 'bilinear':
+    raise ValueError(f'the resample in the train step (data.resample_on_device) is bilinear; '
+                     f'data.resize_method is {method!r}')
   window = _window(example)
   ya, yb = sorted((window[0], window[2]))
   xa, xb = sorted((window[1], window[3]))
   if yb - ya <= 0 or xb - xa <= 0:
     raise ValueError(f'empty window {window}')
   dy, dx = (yb - ya) / size, (xb - xa) / size
-  # Output rows / columns whose pixels lie on the image (the rest is canvas).
+  # Output rows / columns whose pixels lie on the image (the rest is canvas),
+  # before and after mirroring.
   r0 = min(max(math.ceil(-ya / dy - _EPS), 0), size)
   r1 = min(max(math.floor((1.0 - ya) / dy + _EPS), 0), size)
   c0 = min(max(math.ceil(-xa / dx - _EPS), 0), size)
   c1 = min(max(math.floor((1.0 - xa) / dx + _EPS), 0), size)
+  on_image = r1 > r0 and c1 > c0
+  mirror_y, mirror_x = window[0] > window[2], window[1] > window[3]
+  out_rows = (size - r1, size - r0) if mirror_y else (r0, r1)
+  out_cols = (size - c1, size - c0) if mirror_x else (c0, c1)
+  # The rectangle holding image pixels, for photometric ops applied later.
+  image_region = np.array((*out_rows, *out_cols) if on_image else (0, 0, 0, 0), np.int32)
   pil = _decoded_pil(example, (math.ceil(size / (yb - ya)), math.ceil(size / (xb - xa))))
+  example = dict(example)
+  example['image_region'] = image_region
+  pixel_ops = example.pop('pixel_ops', None)
+  if source_canvas is not None:
+    if pixel_ops:
+      raise ValueError('host photometric ops with the resample in the train step')
+    example['image'], example['source_size'] = _source_canvas(pil, source_canvas)
+    example['window'] = window.astype(np.float32)
+    return example
   w, h = pil.size
   region = None
-  if r1 > r0 and c1 > c0:
+  if on_image:
     box = (min(max(w * (xa + c0 * dx), 0.0), w), min(max(h * (ya + r0 * dy), 0.0), h),
            min(max(w * (xa + c1 * dx), 0.0), w), min(max(h * (ya + r1 * dy), 0.0), h))
     if (c1 - c0, r1 - r0) == (w, h) and np.allclose(box, (0, 0, w, h)):
@@ -509,30 +535,36 @@ def resize(example: Example, rng: np.random.Generator | None = None, *, size: in
     else:
       region = resample(pil, (c1 - c0, r1 - r0), box)
     # Mirror the region (PIL, cheap) and its place instead of the whole canvas.
-    if window[1] > window[3]:
+    if mirror_x:
       region = region.transpose(Image.FLIP_LEFT_RIGHT)
-      c0, c1 = size - c1, size - c0
-    if window[0] > window[2]:
+    if mirror_y:
       region = region.transpose(Image.FLIP_TOP_BOTTOM)
-      r0, r1 = size - r1, size - r0
-    if example.get('pixel_ops'):
-      region = apply_pixel_ops(region, example['pixel_ops'])
+    if pixel_ops:
+      region = apply_pixel_ops(region, pixel_ops)
     region = np.asarray(region)
-  # The rectangle holding image pixels, for photometric ops applied later.
-  image_region = np.array((r0, r1, c0, c1) if region is not None else (0, 0, 0, 0), np.int32)
-  if region is not None and (r0, r1, c0, c1) == (0, size, 0, size):
+  if region is not None and (*out_rows, *out_cols) == (0, size, 0, size):
     canvas = region
   else:
     fill_rgb = tuple(int(v) for v in np.clip(np.round(np.asarray(fill, np.float64)), 0, 255))
     canvas = _fill_canvas(size, fill_rgb).copy()
     if region is not None:
-      canvas[r0:r1, c0:c1] = region
-  example = dict(example)
+      canvas[slice(*out_rows), slice(*out_cols)] = region
   example['image'] = canvas
-  example['image_region'] = image_region
   example.pop('window', None)
-  example.pop('pixel_ops', None)
   return example
+
+
+def _source_canvas(pil: Image.Image, canvas_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """The source in the top-left corner of a zeroed uint8 canvas, and its (h, w)."""
+  (ch, cw), (w, h) = canvas_hw, pil.size
+  if h > ch or w > cw:
+    scale = min(ch / h, cw / w)
+    pil = pil.resize((max(1, min(cw, round(w * scale))), max(1, min(ch, round(h * scale)))),
+                     Image.BILINEAR)
+    w, h = pil.size
+  canvas = np.zeros((ch, cw, 3), np.uint8)
+  canvas[:h, :w] = np.asarray(pil)
+  return canvas, np.array((h, w), np.int32)
 
 
 def normalize(example: Example, rng: np.random.Generator | None = None, *,
@@ -579,8 +611,56 @@ def pixels_on_device(data_cfg) -> bool:
   return bool(_cfg_get(data_cfg, 'pixels_on_device', False))
 
 
-def op_registry(data_cfg, input_size: int) -> dict[str, Op]:
-  """Name -> op with its parameters from the config (names valid in data.augment)."""
+# The largest images of each dataset, (height, width): the canvas of
+# `data.resample_on_device` batches when `data.source_canvas` is [0, 0].
+_SOURCE_CANVAS = {'voc': (512, 512), 'kitti': (384, 1248), 'coco': (640, 640)}
+
+
+def source_canvas(data_cfg) -> tuple[int, int]:
+  """`data.source_canvas`, or the dataset's own when it is [0, 0]."""
+  canvas = tuple(int(v) for v in _cfg_get(data_cfg, 'source_canvas', (0, 0)))
+  if len(canvas) != 2 or min(canvas) < 0:
+    raise ValueError(f'data.source_canvas must be [height, width], got {list(canvas)}')
+  if min(canvas) > 0:
+    return canvas
+  name = str(data_cfg.name)
+  if name == 'builtin_small':
+    return (int(data_cfg.builtin.image_size),) * 2
+  for key, value in _SOURCE_CANVAS.items():
+    if key in name:
+      return value
+  return (512, 512)
+
+
+def resample_on_device(data_cfg) -> bool:
+  """Whether train batches carry the decoded source for the step to resample (pixels.py).
+
+  `data.resample_on_device`: True, False, or 'auto' = when the default JAX
+  backend is an accelerator (on a CPU the dense resample costs more than
+  PIL's) and the rest of the config allows it.
+  """
+  value = config_lib.auto_bool(_cfg_get(data_cfg, 'resample_on_device', False),
+                               'data.resample_on_device')
+  method = str(_cfg_get(data_cfg, 'resize_method', 'bilinear'))
+  if value == 'auto':
+    if not pixels_on_device(data_cfg) or method != 'bilinear':
+      return False
+    import jax  # pylint: disable=g-import-not-at-top  (only the main process resolves 'auto')
+    return jax.default_backend() != 'cpu'
+  if value and not pixels_on_device(data_cfg):
+    raise ValueError('data.resample_on_device=True needs data.pixels_on_device=True')
+  if value and method != 'bilinear':
+    raise ValueError(f"data.resample_on_device=True resamples bilinearly; data.resize_method "
+                     f"is {method!r}")
+  return value
+
+
+def op_registry(data_cfg, input_size: int, train: bool = False) -> dict[str, Op]:
+  """Name -> op with its parameters from the config (names valid in data.augment).
+
+  `train`: the train pipeline's `resize`, which leaves the resample to the
+  step when `resample_on_device`.
+  """
   photo = _cfg_get(data_cfg, 'photometric', {})
   crop_cfg = _cfg_get(data_cfg, 'crop', {})
   return {
@@ -601,8 +681,11 @@ def op_registry(data_cfg, input_size: int) -> dict[str, Op]:
           scale=tuple(_cfg_get(crop_cfg, 'scale', (0.3, 1.0))),
           aspect=tuple(_cfg_get(crop_cfg, 'aspect', (0.5, 2.0)))),
       'flip': functools.partial(flip, prob=float(_cfg_get(data_cfg, 'flip_prob', 0.5))),
-      'resize': functools.partial(resize, size=int(input_size), fill=fill_colour(data_cfg),
-                                  method=str(_cfg_get(data_cfg, 'resize_method', 'bilinear'))),
+      'resize': functools.partial(
+          resize, size=int(input_size), fill=fill_colour(data_cfg),
+          method=str(_cfg_get(data_cfg, 'resize_method', 'bilinear')),
+          source_canvas=(source_canvas(data_cfg)
+                         if train and resample_on_device(data_cfg) else None)),
       'normalize': functools.partial(normalize, mean=tuple(data_cfg.mean),
                                      std=tuple(data_cfg.std), bgr=bool(data_cfg.bgr)),
   }
@@ -610,7 +693,7 @@ def op_registry(data_cfg, input_size: int) -> dict[str, Op]:
 
 def train_ops(data_cfg, input_size: int) -> list[Op]:
   """The ops of `data.augment`, then resize and (on the host path) normalize unless listed."""
-  registry = op_registry(data_cfg, input_size)
+  registry = op_registry(data_cfg, input_size, train=True)
   names = list(data_cfg.augment)
   unknown = [n for n in names if n not in registry]
   if unknown:

@@ -26,7 +26,9 @@ the `example_mask` field marks the real ones.
 Batch dict (docs/architecture.md): image [B, S, S, 3], uint8 RGB with
 `data.pixels_on_device` (then train batches also carry the photometric draw,
 photometric float32 [B, n, 5] and image_region int32 [B, 4], for the step's
-pixels.model_input) or else float32 normalised on the host, boxes float32
+pixels.model_input; with `data.resample_on_device` train images are the
+decoded sources [B, Hc, Wc, 3] with window float32 [B, 4] and source_size
+int32 [B, 2]) or else float32 normalised on the host, boxes float32
 [B, M, 4] `[ymin, xmin, ymax, xmax]` normalised to the model input, labels
 int32 [B, M] (1..K, 0 on padding), mask bool [B, M], ignore bool [B, M],
 image_id int32 [B], orig_size int32 [B, 2] (h, w); eval batches also
@@ -89,6 +91,10 @@ def pad_example(example: records.Example, max_boxes: int) -> dict[str, np.ndarra
   }
   if 'photometric_stages' in example:  # photometric on the device (pixels.py)
     out['photometric'] = np.stack(example['photometric_stages']).astype(np.float32)
+    out['image_region'] = np.asarray(example['image_region'], np.int32)
+  if 'source_size' in example:  # the resample on the device (pixels.py)
+    out['window'] = np.asarray(example['window'], np.float32)
+    out['source_size'] = np.asarray(example['source_size'], np.int32)
     out['image_region'] = np.asarray(example['image_region'], np.int32)
   return out
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from smallssd_jax import config_lib
 from smallssd_jax.datasets import kitti as kitti_lib
 from smallssd_jax.datasets import records
 from smallssd_jax.datasets import voc as voc_lib
@@ -58,8 +59,9 @@ def kitti_boxes_flipped(version: str, override: Any = 'auto') -> bool:
   Raises:
     ValueError: 'auto' and a version newer than any known one.
   """
+  override = config_lib.auto_bool(override, 'data.tfds_kitti_flipped')
   if override != 'auto':
-    return bool(override)
+    return override
   if _version_tuple(version) <= _LAST_FLIPPED_KITTI_VERSION:
     return True
   raise ValueError(
