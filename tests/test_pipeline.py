@@ -225,3 +225,16 @@ def test_audit_command_line(tmp_path):
   check = subprocess.run(cmd + ['--check'], capture_output=True, text=True, env=env, timeout=120)
   assert check.returncode == 1
   assert 'bad examples (1)' in check.stdout and '000003.jpg' in check.stdout
+
+
+def test_data_bench_reports_every_path(tmp_path, capsys):
+  root = bench.write_voc(str(tmp_path), 6)
+  bench.run(root, workers=[0], batches=1, batch_size=4, read_threads=0)
+  lines = capsys.readouterr().out.splitlines()
+  rates = {line.split(':')[0].strip(): float(line.rsplit(':', 1)[1].split()[0])
+           for line in lines}
+  assert all(rate > 0 for rate in rates.values()), lines
+  assert any('resample on the step' in k for k in rates), lines
+  assert any('resample on host, nearest' in k for k in rates), lines
+  assert any("the step's resample" in k and '512x512 canvas' in k for k in rates), lines
+  assert any('grain train iterator' in k for k in rates), lines

@@ -5,10 +5,13 @@ r"""Data-loading throughput: decode only, and the full SSD train augmentation.
 Writes `num_images` VOC-sized (500x375) JPEGs with VOC annotations to a
 temporary VOCdevkit, then prints images/s for: decoding alone (one process),
 the full per-example train path (read + decode + photometric draw + zoom-out +
-min-IoU crop + flip + resize to 300 + pad, one process) with the bilinear, the
-nearest and (when OpenCV is installed) the opencv resize (data.resize_method),
-with photometric distortion and normalisation left to the train step
-(data.pixels_on_device, the default) and done on the host, and the grain
+min-IoU crop + flip + resize to 300 + pad, one process): with the resample
+left to the train step (data.resample_on_device, what 'auto' picks on a GPU
+or TPU; then also what that resample costs the step on this machine's JAX
+backend), and on the host with the bilinear, the nearest and (when OpenCV is
+installed) the opencv resize (data.resize_method), with photometric
+distortion and normalisation in the train step (data.pixels_on_device, the
+default) and on the host; and the grain
 train iterator with each `--workers` count (batches of --batch_size). Run it
 on an otherwise idle machine.
 """
@@ -95,24 +98,34 @@ def run(root: str, workers: list[int], batches: int, batch_size: int,
   seconds = time.perf_counter() - start
   print(f'decode only (1 process):                             {_rate(n, seconds)}')
 
-  runs = [(True, 'bilinear'), (True, 'nearest'), (False, 'bilinear')]
+  # (photometric + normalize in the step, resample in the step, resize method)
+  runs = [(True, True, 'bilinear'), (True, False, 'bilinear'), (True, False, 'nearest'),
+          (False, False, 'bilinear')]
   if importlib.util.find_spec('cv2') is not None:
-    runs.insert(2, (True, 'opencv'))
-  for on_device, method in runs:
+    runs.insert(3, (True, False, 'opencv'))
+  examples = []
+  for on_device, resample_on_device, method in runs:
     config.data.resize_method = method
     config.data.pixels_on_device = on_device
+    config.data.resample_on_device = str(resample_on_device)
     loader = pipeline.ExampleLoader(source, augment.train_ops(config.data, 300),
                                     int(config.data.max_boxes), 'error')
     rng = np.random.default_rng(0)
     loader(0, rng)
     start = time.perf_counter()
     for i in range(n):
-      loader(i, rng)
-    where = 'in the step' if on_device else 'on the host'
-    print(f'train augmentation, {method:8s} resize, photometric + normalize {where:11s} '
-          f'(1 process): {_rate(n, time.perf_counter() - start)}')
+      example = loader(i, rng)
+      if resample_on_device and i < batch_size:
+        examples.append(example)
+    seconds = time.perf_counter() - start
+    resample = 'the step' if resample_on_device else f'host, {method}'
+    pixels_where = 'the step' if on_device else 'the host'
+    print(f'train augmentation, resample on {resample:15s}, photometric + normalize on '
+          f'{pixels_where:8s} (1 process): {_rate(n, seconds)}')
+  _time_step_resample(config, examples)
   config.data.resize_method = 'bilinear'
   config.data.pixels_on_device = True
+  config.data.resample_on_device = 'False'
 
   for num_workers in workers:
     config.data.num_workers = num_workers
@@ -128,6 +141,25 @@ def run(root: str, workers: list[int], batches: int, batch_size: int,
     close = getattr(it, 'close', None)
     if close:
       close()
+
+
+def _time_step_resample(config, examples: list[dict]) -> None:
+  """What the resample costs the step instead: jitted pixels.model_input on one batch."""
+  import jax  # pylint: disable=g-import-not-at-top  (the rest of the tool runs without JAX)
+  from smallssd_jax import pixels  # pylint: disable=g-import-not-at-top
+  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  cfg = pixels.PixelConfig.from_data_config(config.data, 300)
+  fn = jax.jit(pixels.model_input, static_argnums=1)
+  jax.block_until_ready(fn(batch, cfg))
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(batch, cfg))
+    times.append(time.perf_counter() - start)
+  shape = batch['image'].shape
+  print(f"  the step's resample + photometric + normalize of those ({jax.default_backend()}, "
+        f'batch {len(examples)}, {shape[1]}x{shape[2]} canvas, median of 5): '
+        f'{_rate(len(examples), float(np.median(times)))}')
 
 
 def main(argv):
