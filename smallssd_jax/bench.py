@@ -184,13 +184,17 @@ def bench_model(config, batch: dict[str, np.ndarray], steps: int, warmup: int,
   }
 
   forward = jax.jit(lambda v, x: detector.module.apply(v, x, train=False))
-  one_image = jax.ShapeDtypeStruct((1, *batch['image'].shape[1:]), jnp.float32)
+  s = int(config.model.input_size)
+  one_image = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
   one_variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
   out['gflops_per_image'] = measurement(flops_of(forward, one_variables, one_image) / 1e9,
                                         device, method='XLA cost analysis, batch 1 forward')
 
   global_batch = train_lib.to_global_batch(batch, mesh)
-  images = global_batch['image']
+  # Evaluation batches are resized on the host: with the train resample in
+  # the step (source canvases), inference takes input-size crops of them.
+  images = (global_batch['image'] if 'window' not in batch else
+            train_lib.to_global_batch({'image': batch['image'][:, :s, :s]}, mesh)['image'])
 
   predict = eval_lib.make_predict_fn(detector, config, mesh)
   start = time.perf_counter()
@@ -251,12 +255,20 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 
   With data.pixels_on_device: uint8 images and a photometric draw per image
   and 'photometric' in data.augment (the step distorts and normalises them);
-  otherwise float32 normalised images.
+  otherwise float32 normalised images. With data.resample_on_device the
+  images are whole sources filling the dataset's canvas.
   """
   rng = np.random.default_rng(seed)
   b, s, m = int(config.batch_size), int(config.model.input_size), int(config.data.max_boxes)
   pixels = rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)
   extra = {}
+  if augment.resample_on_device(config.data):
+    # Whole sources filling the dataset's canvas, each shown whole.
+    ch, cw = augment.source_canvas(config.data)
+    pixels = rng.integers(0, 256, (b, ch, cw, 3), dtype=np.uint8)
+    extra['window'] = np.tile(np.array([0, 0, 1, 1], np.float32), (b, 1))
+    extra['source_size'] = np.tile(np.array([ch, cw], np.int32), (b, 1))
+    extra['image_region'] = np.tile(np.array([0, s, 0, s], np.int32), (b, 1))
   if augment.pixels_on_device(config.data):
     image = pixels
     stages = list(config.data.augment).count('photometric')

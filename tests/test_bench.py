@@ -18,7 +18,9 @@ def test_bench_smoke(tmp_path):
              XLA_FLAGS='--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true')
   result = subprocess.run(
       [sys.executable, '-m', 'smallssd_jax.bench', '--config=configs/default.py:runlocal',
-       '--batch', '2', '--steps', '2', '--warmup', '0', '--compare-torchvision', f'--json={out}'],
+       '--batch', '2', '--steps', '2', '--warmup', '0', '--compare-torchvision', f'--json={out}',
+       # The accelerator path (sources resampled in the step) on this CPU.
+       '--config.data.resample_on_device=True'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
@@ -65,13 +67,16 @@ def test_synthetic_batch_has_the_pipeline_shapes():
   from smallssd_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
   from smallssd_jax.datasets import pipeline  # pylint: disable=g-import-not-at-top
   cfg = load_config(str(REPO / 'configs' / 'default.py') + ':runlocal')
-  for on_device, augment in ((True, ['photometric']), (True, []), (False, ['photometric'])):
+  cases = ((True, ['photometric'], 'False'), (True, [], 'False'), (False, ['photometric'], 'False'),
+           (True, ['photometric'], 'True'), (True, [], 'True'))
+  for on_device, augment, resample in cases:
     cfg.data.augment = augment
     cfg.data.pixels_on_device = on_device
+    cfg.data.resample_on_device = resample
     real = next(pipeline.make_train_iterator(cfg))
     fake = bench.synthetic_batch(cfg)
     assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {
-        k: (v.shape, v.dtype) for k, v in real.items()}, (on_device, augment)
+        k: (v.shape, v.dtype) for k, v in real.items()}, (on_device, augment, resample)
   boxes = fake['boxes'][fake['mask']]
   assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes >= 0).all() and (boxes <= 1).all()
   labels = fake['labels'][fake['mask']]
