@@ -1,4 +1,4 @@
-"""`python -m smallssd_jax.bench` runs end to end on the tiny config (no timing is checked)."""
+"""`python -m smallssd_jax.bench` and `bench_layers` run end to end on the tiny config (no timing is checked)."""
 
 import importlib.util
 import json
@@ -6,6 +6,11 @@ import os
 import pathlib
 import subprocess
 import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,3 +113,64 @@ def test_report_shows_skipped_data_and_torchvision_ratios():
   assert 'inference  ours 2.00 images/s, torchvision 4.00 images/s' in report
   assert 'training   ours 2.00 images/s, torchvision 1.00 images/s' in report
   assert 'not the same network' not in report      # SSD300 at width 1 against SSD300
+
+
+def _two_convs(x, w1, w2):
+  conv = lambda x, w, s: jax.lax.conv_general_dilated(
+      x, w, (s, s), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  inner = jax.jit(lambda y: conv(y, w2, 1))   # inside a call: found too
+  y = conv(x, w1, 2)
+  return inner(inner(y))
+
+
+def test_bench_layers_finds_and_counts_convolutions():
+  from smallssd_jax import bench_layers  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+  w1 = jax.ShapeDtypeStruct((3, 3, 3, 8), jnp.float32)
+  w2 = jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32)
+  convs = bench_layers.find_convolutions(_two_convs, x, w1, w2)
+  assert [(c['lhs'], c['rhs'], c['count']) for c in convs] == [
+      ((2, 16, 16, 3), (3, 3, 3, 8), 1), ((2, 8, 8, 8), (3, 3, 8, 8), 2)]
+  # 2 FLOPs per multiply-add: output elements x (in-features x window).
+  assert bench_layers.conv_flops(convs[0]) == 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)
+  assert bench_layers.conv_flops(convs[1]) == 2 * (2 * 8 * 8 * 8) * (3 * 3 * 8)
+
+
+def test_bench_layers_torch_convolution_is_the_same_convolution():
+  torch = pytest.importorskip('torch')
+  from smallssd_jax import bench_layers  # pylint: disable=g-import-not-at-top
+  cases = [((2, 12, 12, 4), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+           ((2, 13, 13, 4), (3, 3, 4, 6), (2, 2), ((0, 1), (0, 1)), (1, 1)),   # asymmetric
+           ((1, 19, 19, 8), (3, 3, 8, 16), (1, 1), ((6, 6), (6, 6)), (6, 6))]   # dilated
+  for lhs, rhs, stride, padding, dilation in cases:
+    fn = lambda x, w, s=stride, p=padding, d=dilation: jax.lax.conv_general_dilated(
+        x, w, s, p, rhs_dilation=d, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    (conv,) = bench_layers.find_convolutions(
+        fn, jax.ShapeDtypeStruct(lhs, jnp.float32), jax.ShapeDtypeStruct(rhs, jnp.float32))
+    x, w, apply = bench_layers.torch_conv(conv)
+    with torch.no_grad():
+      want = apply().numpy().transpose(0, 2, 3, 1)
+    got = fn(x.detach().numpy().transpose(0, 2, 3, 1), w.detach().numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_layers_report():
+  from smallssd_jax import bench_layers  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
+  cfg = load_config(str(REPO / 'configs' / 'default.py') + ':runlocal')
+  model = bench_layers.model_convolutions(cfg, batch=2)
+  assert len(model) > 10 and sum(c['count'] for c in model) > len(model)  # repeats grouped
+  assert model[0]['lhs'] == (2, 300, 300, 3) and all(c['lhs'][0] == 2 for c in model)
+  x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+  convs = bench_layers.find_convolutions(
+      _two_convs, x, jax.ShapeDtypeStruct((3, 3, 3, 8), jnp.float32),
+      jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32))
+  results = bench_layers.time_convolutions(convs, steps=1, compare_torch=False, matmul_size=256)
+  rows = results['convolutions']
+  assert len(rows) == 2 and results['matmul_gflops_per_s'] > 0 and results['batch'] == 2
+  for r in rows:
+    assert r['forward']['ms'] > 0 and r['train']['ms'] > 0 and 'ratio' not in r['forward']
+  assert results['total_ms']['train'] == pytest.approx(
+      rows[0]['train']['ms'] + 2 * rows[1]['train']['ms'])
+  report = bench_layers.format_report(results)
+  assert report.count('\n') == len(rows) + 2 and 'all convolutions' in report
