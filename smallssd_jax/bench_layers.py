@@ -238,23 +238,29 @@ def format_report(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
-_BATCH = flags.DEFINE_integer('batch', 8, 'Images per batch.')
-_STEPS_FLAG = flags.DEFINE_integer('steps', _STEPS, 'Timed calls per convolution (median).')
-_TORCH = flags.DEFINE_bool('compare-torch', False, 'Time PyTorch on the same convolutions.')
-_JSON = flags.DEFINE_string('json', '', 'Also write the results here.')
+def define_flags() -> None:
+  """The command line's flags; defined on demand so that importing the module defines none."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:arg]).',
+                                  lock_config=False)
+  flags.DEFINE_integer('batch', 8, 'Images per batch.')
+  flags.DEFINE_integer('steps', _STEPS, 'Timed calls per convolution (median).')
+  flags.DEFINE_bool('compare-torch', False, 'Time PyTorch on the same convolutions.')
+  flags.DEFINE_string('json', '', 'Also write the results here.')
 
 
 def main(argv):
-  del argv
-  if _CONFIG.value is None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if f.config is None:
     raise app.UsageError('--config is required')
-  results = run(_CONFIG.value, _BATCH.value, _STEPS_FLAG.value, _TORCH.value)
+  results = run(f.config, f.batch, f.steps, f['compare-torch'].value)
   print(format_report(results))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(results, f, indent=1)
+  if f.json:
+    with open(f.json, 'w') as out:
+      json.dump(results, out, indent=1)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -117,10 +117,12 @@ def test_device_resample_is_the_host_resize(window):
   assert np.abs(got - nearest['image'])[on_image].mean() > 2 * diff[on_image].mean() + 1.0
 
 
-def test_a_source_larger_than_the_canvas_is_shrunk_to_fit():
+def test_a_source_larger_than_the_canvas_is_shrunk_to_fit(caplog):
   image = _photo(100, 160, seed=1)
   window = [0.1, 0.0, 0.9, 0.8]
-  ex, got = _device_resize(image, window, 48, (64, 64))
+  with caplog.at_level('WARNING'):
+    ex, got = _device_resize(image, window, 48, (64, 64))
+  assert 'larger than data.source_canvas' in caplog.text  # said, not silent
   np.testing.assert_array_equal(ex['source_size'], (40, 64))
   # The same as the host path on the source shrunk by PIL to fit...
   shrunk = np.asarray(Image.fromarray(image).resize((64, 40), Image.BILINEAR))
@@ -205,9 +207,10 @@ def test_config_choices():
     assert augment.source_canvas(cfg.data) == canvas, name
   cfg.data.source_canvas = [600, 1000]
   assert augment.source_canvas(cfg.data) == (600, 1000)
-  cfg.data.source_canvas = [600]
-  with pytest.raises(ValueError, match='source_canvas'):
-    augment.source_canvas(cfg.data)
+  for bad in ([600], [0, 512]):
+    cfg.data.source_canvas = bad
+    with pytest.raises(ValueError, match='source_canvas'):
+      augment.source_canvas(cfg.data)
   cfg.data.resize_method = 'nearest'
   with pytest.raises(ValueError, match="resize_method is 'nearest'"):
     augment.resample_on_device(cfg.data)

@@ -57,6 +57,7 @@ import functools
 import math
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -558,6 +559,9 @@ def _source_canvas(pil: Image.Image, canvas_hw: tuple[int, int]) -> tuple[np.nda
   """The source in the top-left corner of a zeroed uint8 canvas, and its (h, w)."""
   (ch, cw), (w, h) = canvas_hw, pil.size
   if h > ch or w > cw:
+    logging.log_first_n(
+        logging.WARNING, 'a %dx%d source is larger than data.source_canvas %dx%d: shrunk on the '
+        'host to fit (raise data.source_canvas to keep its resolution)', 1, h, w, ch, cw)
     scale = min(ch / h, cw / w)
     pil = pil.resize((max(1, min(cw, round(w * scale))), max(1, min(ch, round(h * scale)))),
                      Image.BILINEAR)
@@ -619,9 +623,9 @@ _SOURCE_CANVAS = {'voc': (512, 512), 'kitti': (384, 1248), 'coco': (640, 640)}
 def source_canvas(data_cfg) -> tuple[int, int]:
   """`data.source_canvas`, or the dataset's own when it is [0, 0]."""
   canvas = tuple(int(v) for v in _cfg_get(data_cfg, 'source_canvas', (0, 0)))
-  if len(canvas) != 2 or min(canvas) < 0:
-    raise ValueError(f'data.source_canvas must be [height, width], got {list(canvas)}')
-  if min(canvas) > 0:
+  if len(canvas) != 2 or (canvas != (0, 0) and min(canvas) <= 0):
+    raise ValueError(f'data.source_canvas must be [height, width] or [0, 0], got {list(canvas)}')
+  if canvas != (0, 0):
     return canvas
   name = str(data_cfg.name)
   if name == 'builtin_small':
