@@ -26,8 +26,8 @@ source in the top-left corner of a fixed canvas, `data.source_canvas`),
 `source_size` int32 [B, 2] (its height and width) and `window` float32 [B, 4]
 (the region of the source the output shows, normalised `[y0, x0, y1, x1]`,
 x0 > x1 when mirrored; datasets/augment.py), and `resample` realises the
-window here with PIL's antialiased bilinear arithmetic. The host then only
-decodes.
+window here with PIL's antialiased bilinear arithmetic. The host then
+decodes and draws the augmentation, and resamples nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from smallssd_jax.datasets import augment
 
 
 class PixelConfig(NamedTuple):
@@ -52,10 +54,10 @@ class PixelConfig(NamedTuple):
 
   @classmethod
   def from_data_config(cls, data_cfg, input_size: int = 0) -> 'PixelConfig':
-    mean = tuple(float(v) for v in data_cfg.mean)
-    fill = mean[::-1] if data_cfg.bgr else mean  # the mean colour in RGB
-    return cls(mean, tuple(float(v) for v in data_cfg.std), bool(data_cfg.bgr),
-               int(input_size), tuple(float(min(max(round(v), 0), 255)) for v in fill))
+    fill = augment.fill_colour(data_cfg)  # the host path's fill, rounded as `resize` does
+    return cls(tuple(float(v) for v in data_cfg.mean), tuple(float(v) for v in data_cfg.std),
+               bool(data_cfg.bgr), int(input_size),
+               tuple(float(min(max(round(v), 0), 255)) for v in fill))
 
 
 def _round_u8(x: jax.Array) -> jax.Array:
