@@ -268,7 +268,6 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     pixels = rng.integers(0, 256, (b, ch, cw, 3), dtype=np.uint8)
     extra['window'] = np.tile(np.array([0, 0, 1, 1], np.float32), (b, 1))
     extra['source_size'] = np.tile(np.array([ch, cw], np.int32), (b, 1))
-    extra['image_region'] = np.tile(np.array([0, s, 0, s], np.int32), (b, 1))
   if augment.pixels_on_device(config.data):
     image = pixels
     stages = list(config.data.augment).count('photometric')
@@ -279,6 +278,7 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
       for _ in range(stages):
         draws = [photometric(d, rng) for d in draws]
       extra['photometric'] = np.array([d['photometric_stages'] for d in draws], np.float32)
+    if extra:  # the resample and the photometric ops cover the whole frame
       extra['image_region'] = np.tile(np.array([0, s, 0, s], np.int32), (b, 1))
   else:
     image = ((pixels - np.asarray(config.data.mean, np.float32)) /
@@ -480,20 +480,29 @@ def run(config, config_name: str, batch_size: int = 0, steps: int = 10, warmup: 
   return results
 
 
-def main(argv):
+def check_command_line(argv) -> None:
+  """The benchmark tools' common checks: no stray arguments, a --config."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  if f.config is None:
+  if flags.FLAGS.config is None:
     raise app.UsageError('--config is required')
+
+
+def print_and_save(report: str, results: dict[str, Any], json_path: str | None) -> None:
+  print(report, flush=True)
+  if json_path:
+    with open(json_path, 'w') as out:
+      json.dump(results, out, indent=2)
+
+
+def main(argv):
+  check_command_line(argv)
+  f = flags.FLAGS
   config_name = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')),
                      'config')
   results = run(f.config, config_name, f.batch, f.steps, f.warmup, f['compare-torchvision'].value,
                 f.workdir, f.synthetic)
-  print(format_report(results), flush=True)
-  if f.json:
-    with open(f.json, 'w') as out:
-      json.dump(results, out, indent=2)
+  print_and_save(format_report(results), results, f.json)
 
 
 if __name__ == '__main__':

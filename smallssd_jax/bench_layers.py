@@ -23,10 +23,8 @@ machine.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +36,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from smallssd_jax import bench
 from smallssd_jax import train as train_lib
 
 _STEPS = 3
@@ -84,19 +83,11 @@ def conv_flops(conv: dict[str, Any]) -> float:
   return 2.0 * float(np.prod(out.shape)) * taps
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 def matmul_rate(steps: int, n: int = 4096) -> float:
   """GFLOP/s of a float32 n^3 matrix product on the default device."""
   a = jnp.ones((n, n), jnp.float32)
   dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(a, a))
-  seconds = statistics.median(_timed(lambda: jax.block_until_ready(dot(a, a)))
-                              for _ in range(max(3, steps)))
+  seconds = bench.median_seconds(lambda: jax.block_until_ready(dot(a, a)), max(3, steps), 1)
   return 2.0 * n ** 3 / seconds / 1e9
 
 
@@ -194,10 +185,7 @@ def time_convolutions(convs: list[dict[str, Any]], steps: int, compare_torch: bo
         fns['torch'] = theirs[index]
       for fn in fns.values():
         fn()  # compile / warm up
-      times = {k: [] for k in fns}
-      for _ in range(max(1, steps)):
-        for key, fn in fns.items():
-          times[key].append(_timed(fn))
+      times = bench.paired_seconds(fns, steps)
       seconds = statistics.median(times['ours'])
       # Forward + backward is three convolutions' worth of FLOPs.
       work = flops * (1 if name == 'forward' else 3)
@@ -249,16 +237,10 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  bench.check_command_line(argv)
   f = flags.FLAGS
-  if f.config is None:
-    raise app.UsageError('--config is required')
   results = run(f.config, f.batch, f.steps, f['compare-torch'].value)
-  print(format_report(results))
-  if f.json:
-    with open(f.json, 'w') as out:
-      json.dump(results, out, indent=1)
+  bench.print_and_save(format_report(results), results, f.json)
 
 
 if __name__ == '__main__':

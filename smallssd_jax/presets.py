@@ -8,8 +8,9 @@ reduced-resolution variant gets consistent priors without editing lists.
 
 from __future__ import annotations
 
-
 import ml_collections
+
+from smallssd_jax import config_lib
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -376,7 +377,13 @@ def parse_arg(arg: str | None, **defaults):
       raise ValueError(f'config arg {key!r} unknown; known: {sorted(defaults)}')
     kind = type(defaults[key])
     if kind is bool:
-      out[key] = value.lower() in ('1', 'true', 'yes')
+      try:
+        flag = config_lib.auto_bool(value, f'config arg {key}')
+      except ValueError:
+        flag = 'auto'
+      if flag == 'auto':
+        raise ValueError(f'config arg {key} must be True or False, got {value!r}')
+      out[key] = flag
     else:
       out[key] = kind(value)
   return out

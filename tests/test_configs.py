@@ -51,6 +51,9 @@ def test_parse_arg():
   assert (arg.model, arg.runlocal, arg.width) == ('ssd', True, 0.5)
   with pytest.raises(ValueError, match='unknown'):
     presets.parse_arg('depth=3', model='dfssd')
+  assert presets.parse_arg('runlocal=False', runlocal=True).runlocal is False
+  with pytest.raises(ValueError, match='runlocal must be True or False'):
+    presets.parse_arg('runlocal=maybe', runlocal=False)
 
 
 def test_default_config_rejects_unknown_model():

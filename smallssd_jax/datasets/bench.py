@@ -146,20 +146,16 @@ def run(root: str, workers: list[int], batches: int, batch_size: int,
 def _time_step_resample(config, examples: list[dict]) -> None:
   """What the resample costs the step instead: jitted pixels.model_input on one batch."""
   import jax  # pylint: disable=g-import-not-at-top  (the rest of the tool runs without JAX)
+  from smallssd_jax import bench as model_bench  # pylint: disable=g-import-not-at-top
   from smallssd_jax import pixels  # pylint: disable=g-import-not-at-top
   batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
   cfg = pixels.PixelConfig.from_data_config(config.data, 300)
   fn = jax.jit(pixels.model_input, static_argnums=1)
-  jax.block_until_ready(fn(batch, cfg))
-  times = []
-  for _ in range(5):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(batch, cfg))
-    times.append(time.perf_counter() - start)
+  seconds = model_bench.median_seconds(lambda: jax.block_until_ready(fn(batch, cfg)), 5, 1)
   shape = batch['image'].shape
   print(f"  the step's resample + photometric + normalize of those ({jax.default_backend()}, "
         f'batch {len(examples)}, {shape[1]}x{shape[2]} canvas, median of 5): '
-        f'{_rate(len(examples), float(np.median(times)))}')
+        f'{_rate(len(examples), seconds)}')
 
 
 def main(argv):

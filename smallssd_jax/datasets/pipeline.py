@@ -91,10 +91,10 @@ def pad_example(example: records.Example, max_boxes: int) -> dict[str, np.ndarra
   }
   if 'photometric_stages' in example:  # photometric on the device (pixels.py)
     out['photometric'] = np.stack(example['photometric_stages']).astype(np.float32)
-    out['image_region'] = np.asarray(example['image_region'], np.int32)
   if 'source_size' in example:  # the resample on the device (pixels.py)
     out['window'] = np.asarray(example['window'], np.float32)
     out['source_size'] = np.asarray(example['source_size'], np.int32)
+  if 'photometric' in out or 'window' in out:  # where the step finds image pixels
     out['image_region'] = np.asarray(example['image_region'], np.int32)
   return out
 
