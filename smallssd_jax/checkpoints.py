@@ -1,4 +1,8 @@
-"""Orbax checkpoints: model, optimizer, step and the data iterator, together.
+"""Orbax checkpoints: model, optimizer and step.
+
+The data iterator needs no state of its own: its batches are a function of
+the config and the global step (`datasets.pipeline`), so a resumed run
+rebuilds it at the restored step, with any number of processes or workers.
 
 Resume order (STYLE 8): the workdir's latest checkpoint, else
 `config.init_from` (another run's checkpoint directory, or a VGG16 / SSD300
@@ -13,7 +17,6 @@ import os
 from typing import Any
 
 from absl import logging
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -38,34 +41,27 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Checkpo
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options,
-      item_handlers={'state': ocp.StandardCheckpointHandler(),
-                     'data': grain.checkpoint.CheckpointHandler()})
+      item_handlers={'state': ocp.StandardCheckpointHandler()})
 
 
 def _state_dict(state) -> dict[str, Any]:
   return {k: getattr(state, k) for k in STATE_FIELDS}
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iterator,
+def save(manager: ocp.CheckpointManager, step: int, state,
          eval_results: dict[str, float] | None = None) -> None:
   metrics = None
   if eval_results and 'mAP' in eval_results:
     metrics = {'mAP': float(eval_results['mAP'])}
-  args = {'state': ocp.args.StandardSave(_state_dict(state))}
-  if data_iterator is not None:
-    args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-  manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_dict(state))),
+               metrics=metrics, force=True)
 
 
-def restore_state(manager: ocp.CheckpointManager, state, step: int | None = None,
-                  data_iterator=None):
-  """Restores `state` (and the iterator in place) from `step` or the latest."""
+def restore_state(manager: ocp.CheckpointManager, state, step: int | None = None):
+  """Restores `state` from `step` or the latest."""
   step = manager.latest_step() if step is None else step
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(state))
-  args = {'state': ocp.args.StandardRestore(abstract)}
-  if data_iterator is not None:
-    args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
   return state.replace(**restored['state'])
 
 
@@ -93,11 +89,11 @@ def restore_variables(directory: str, state, step: int | None = None):
                        batch_stats=restored['state'].get('batch_stats', state.batch_stats)), step
 
 
-def restore_or_initialize(manager: ocp.CheckpointManager, state, data_iterator,
+def restore_or_initialize(manager: ocp.CheckpointManager, state,
                           config: ml_collections.ConfigDict, detector) -> tuple[Any, str]:
   latest = manager.latest_step()
   if latest is not None:
-    return restore_state(manager, state, latest, data_iterator), f'resumed from step {latest}'
+    return restore_state(manager, state, latest), f'resumed from step {latest}'
   if config.init_from:
     path = config.init_from
     if os.path.isdir(path):

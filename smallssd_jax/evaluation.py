@@ -1,9 +1,10 @@
 """Evaluation and detection: restore, predict on device, score on the host.
 
 The jitted device part returns padded detections plus a mask
-(`postprocess.detect`); the metric (VOC / COCO / KITTI through
-`smallssd_jax.metrics.evaluate`) runs once on the host over the whole split,
-after the detections of every process have been gathered.
+(`postprocess.detect`); the detections of every process are gathered, the
+metric (VOC / COCO / KITTI through `smallssd_jax.metrics.evaluate`) runs once,
+on process 0, over the whole split, and its results are broadcast to the
+other processes (which need them to keep the same best checkpoint).
 """
 
 from __future__ import annotations
@@ -63,6 +64,20 @@ def _gather(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def broadcast_from_process_0(value):
+  """Process 0's JSON-serialisable `value` on every process (the others pass anything)."""
+  if jax.process_count() == 1:
+    return value
+  payload = np.zeros(0, np.uint8)
+  if jax.process_index() == 0:
+    payload = np.frombuffer(json.dumps(value, default=float).encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(payload.size)))
+  buffer = np.zeros(size, np.uint8)
+  buffer[:payload.size] = payload
+  buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+  return json.loads(buffer.tobytes().decode())
+
+
 def _to_pixels(boxes: np.ndarray, size_hw: np.ndarray) -> np.ndarray:
   h, w = float(size_hw[0]), float(size_hw[1])
   return boxes * np.array([h, w, h, w], np.float32)
@@ -120,19 +135,20 @@ class Evaluator:
 
   def run(self, state, step: int, workdir: str, writer: writers.MetricWriter | None = None,
           ) -> dict[str, float]:
+    """Predicts on every process; scores and reports on process 0; returns its results."""
     t0 = time.perf_counter()
     gts, dets = self.collect(variables_of(state))
     t_predict = time.perf_counter() - t0
-    metric = self.config.eval.metric
-    t0 = time.perf_counter()
-    results = metrics_lib.evaluate(gts, dets, metric, class_names=self.class_names,
-                                   small_object_classes=small_object_class_ids(self.class_names))
-    t_metric = time.perf_counter() - t0
-    results = dict(results, num_images=float(len(gts)), predict_seconds=t_predict,
-                   metric_seconds=t_metric)
+    results = None
     if jax.process_index() == 0:
+      t0 = time.perf_counter()
+      results = metrics_lib.evaluate(gts, dets, self.config.eval.metric,
+                                     class_names=self.class_names,
+                                     small_object_classes=small_object_class_ids(self.class_names))
+      results = dict(results, num_images=float(len(gts)), predict_seconds=t_predict,
+                     metric_seconds=time.perf_counter() - t0)
       self._report(results, gts, dets, step, workdir, writer)
-    return results
+    return broadcast_from_process_0(results)
 
   def _report(self, results, gts, dets, step, workdir, writer):
     out_dir = pathlib.Path(workdir) / 'eval' / f'step_{step}'

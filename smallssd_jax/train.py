@@ -298,9 +298,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f'batch_size={config.batch_size} is not divisible by the '
                      f'{jax.process_count()} processes')
 
-  # Data.
-  train_iter = pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
-
   # Model and state.
   detector = build(config)
   state = create_train_state(detector, config, init_rng(config.seed), mesh)
@@ -308,10 +305,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Checkpoint: the workdir's latest, else config.init_from, else scratch.
   manager = ckpt_lib.make_manager(workdir, config)
-  state, resumed = ckpt_lib.restore_or_initialize(manager, state, train_iter, config, detector)
+  state, resumed = ckpt_lib.restore_or_initialize(manager, state, config, detector)
   start_step = int(state.step)
   if is_main:
     logging.info('Starting at step %d (%s).', start_step, resumed)
+
+  # Data: the batches of steps start_step, start_step + 1, ... (this process's slice).
+  train_iter = pipeline.make_train_iterator(config, jax.process_index(), jax.process_count(),
+                                            start_step)
 
   writer = writers.MetricWriter(workdir, enabled=is_main)
   eval_results: dict[str, float] = {}
@@ -360,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         t_last = time.perf_counter()
       if step % config.checkpoint_every_steps == 0 or last or eval_now or stop.requested:
         check_finite()
-        ckpt_lib.save(manager, step, state, train_iter, eval_results if eval_now else None)
+        ckpt_lib.save(manager, step, state, eval_results if eval_now else None)
       if stop.requested:
         logging.warning('Stopped at step %d on request; resume with the same command.', step)
         break

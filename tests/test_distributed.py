@@ -4,15 +4,11 @@ The device count and `jax.distributed` must be fixed before JAX starts, so
 every case runs in fresh subprocesses, and this file is also their script:
 `python tests/test_distributed.py <role> ...` (the roles are at the bottom).
 
-Which examples a step trains on. `pipeline.make_train_iterator(config, p, n)`
-gives process p the indices `[p::n]` of the split, shuffled with a seed of its
-own, and `train.to_global_batch` stacks the local batches in process order. So
-the global batch of a 2-process run is 4 examples of the even indices followed
-by 4 of the odd ones, which is not what one process reading the whole split
-trains on: the examples depend on the process count. The single-process runs
-here therefore build their global batches from both shards
-(`make_train_iterator(config, 0, 2)` and `(config, 1, 2)`, concatenated in
-process order), exactly the batches of the 2-process run.
+Which examples a step trains on. The global batch of step k is the same
+whatever the number of processes: `pipeline.make_train_iterator(config, p, n)`
+gives process p the p-th slice of it, and `train.to_global_batch` stacks the
+local batches in process order. So the single-process reference here is a
+plain one-process run of the same config.
 
 * `single` (one process, `XLA_FLAGS=--xla_force_host_platform_device_count=8`)
   trains on those batches on a mesh of 1 device, saves and evaluates that
@@ -22,9 +18,12 @@ process order), exactly the batches of the 2-process run.
 * `worker` x 2 (`jax.distributed` on the CPU collectives backend, gloo, on a
   free port of 127.0.0.1): `runner.run(config, workdir, 'train')` trains,
   checkpoints and evaluates (detections gathered from both processes, the
-  metric computed once); then `runner.run(..., 'eval')` with
-  `eval.checkpoint` set evaluates the 1-process checkpoint.
-* `restore` (one process): restores the 2-process checkpoint and evaluates it.
+  metric computed once, on process 0, and its results broadcast); then
+  `runner.run(..., 'eval')` with `eval.checkpoint` set evaluates the
+  1-process checkpoint.
+* `restore` (one process): restores the 2-process checkpoint and evaluates
+  it, and resumes the 2-process run's step-1 checkpoint on one process for the
+  last step.
 
 Runs are compared after one step to rounding, and after the last step within a
 small fraction of the update (`assert_same_training`); the same checkpoint
@@ -157,7 +156,8 @@ def load_npz(path) -> dict[str, np.ndarray]:
     return {k: data[k] for k in data.files}
 
 
-def assert_same_training(run_dir: pathlib.Path, reference_dir: pathlib.Path) -> None:
+def assert_same_training(run_dir: pathlib.Path, reference_dir: pathlib.Path,
+                         steps: tuple[str, ...] = ('step1', 'final')) -> None:
   """Parameters and BN statistics (`step1.npz`, `final.npz`) of a run against the reference.
 
   After one step (the same starting point, one gradient) they agree to
@@ -169,7 +169,7 @@ def assert_same_training(run_dir: pathlib.Path, reference_dir: pathlib.Path) -> 
   statistics, or gradients not averaged over devices, are off by the update).
   """
   init = load_npz(reference_dir / 'init.npz')
-  for name in ('step1', 'final'):
+  for name in steps:
     got, want = load_npz(run_dir / f'{name}.npz'), load_npz(reference_dir / f'{name}.npz')
     assert sorted(got) == sorted(want) == sorted(init)
     for k in want:
@@ -210,21 +210,6 @@ def single(work):
 # ----------------------------------------------------------------- tests ---
 
 
-def test_training_shards_are_disjoint_and_cover_the_split():
-  """Each process reads its own `[p::n]` slice of the index space (module docstring)."""
-  from smallssd_jax.datasets import pipeline  # pylint: disable=g-import-not-at-top
-  cfg = tiny_config()
-  cfg.data.builtin.num_train = 16
-  ids = []
-  for p in range(2):
-    it = pipeline.make_train_iterator(cfg, p, 2)
-    # One epoch of this shard: 8 examples in local batches of 4.
-    seen = np.concatenate([next(it)['image_id'] for _ in range(2)])
-    assert sorted(seen) == list(range(p, 16, 2))
-    ids.append(seen)
-  assert not set(ids[0]) & set(ids[1])
-
-
 def test_eight_devices_match_one_device(single):
   info = json.loads((single / 'info.json').read_text())
   flags = info['xla_flags'].split()
@@ -254,9 +239,11 @@ def test_two_processes_match_one_process(single, work):
     info = json.loads((w2 / f'worker_{i}.json').read_text())
     assert info == {'process_index': i, 'process_count': 2, 'device_count': 2,
                     'local_device_count': 1, 'collectives': 'gloo'}
-  # Every process saves its own part of the data iterator's state.
-  assert sorted(p.name for p in (w2 / 'checkpoints' / str(STEPS) / 'data').iterdir()
-                if p.name.startswith('process_')) == ['process_0-of-2.json', 'process_1-of-2.json']
+  # The metric ran once per evaluation, on process 0, and every process got its results.
+  scored = [json.loads((w2 / f'scored_{i}.json').read_text()) for i in range(2)]
+  assert [s['metric_calls'] for s in scored] == [2, 0]
+  assert scored[0]['results'] == scored[1]['results'] and len(scored[0]['results']) == 2
+  assert scored[0]['results'][0]['mAP'] == eval_results(w2)['mAP']
 
   # The same global batches: the same losses, parameters and BN statistics.
   losses = [r['loss'] for r in map(json.loads, (w2 / 'metrics.jsonl').read_text().splitlines())
@@ -264,6 +251,8 @@ def test_two_processes_match_one_process(single, work):
   reference = json.loads((single / 'info.json').read_text())
   np.testing.assert_allclose(losses, reference['losses_1'], rtol=1e-5)
   assert_same_training(w2 / 'restored', single / '1')
+  # The 2-process run, resumed on one process at step 1, takes the same last step.
+  assert_same_training(w2 / 'resumed_on_one_process', single / '1', steps=('final',))
 
   # Each side restores what the other wrote, and a checkpoint detects and scores
   # exactly the same on 1 and on 2 processes: the 1-process checkpoint ...
@@ -329,15 +318,25 @@ def record_detections(path: pathlib.Path) -> None:
   eval_lib.Evaluator.collect = collect_and_save
 
 
-def two_process_batches(cfg) -> list[dict[str, np.ndarray]]:
-  """The global batches of a 2-process run: process 0's local batch, then process 1's."""
+def one_process_batches(cfg, start_step: int = 0) -> list[dict[str, np.ndarray]]:
+  """The global batches of steps start_step.. of the run, read by one process."""
   from smallssd_jax.datasets import pipeline  # pylint: disable=g-import-not-at-top
-  shards = [pipeline.make_train_iterator(cfg, p, 2) for p in range(2)]
-  batches = []
-  for _ in range(cfg.num_train_steps):
-    parts = [next(it) for it in shards]
-    batches.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-  return batches
+  it = pipeline.make_train_iterator(cfg, start_step=start_step)
+  return [next(it) for _ in range(start_step, cfg.num_train_steps)]
+
+
+def count_metric_calls():
+  """Counts this process's calls of the metric; returns the counter."""
+  from smallssd_jax import evaluation as eval_lib  # pylint: disable=g-import-not-at-top
+  calls = []
+  evaluate = eval_lib.metrics_lib.evaluate
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return evaluate(*args, **kwargs)
+
+  eval_lib.metrics_lib.evaluate = counted
+  return calls
 
 
 def role_single(out_dir: str) -> None:
@@ -352,7 +351,7 @@ def role_single(out_dir: str) -> None:
   info = {'xla_flags': os.environ.get('XLA_FLAGS', ''), 'device_count': jax.device_count()}
   cfg = tiny_config()
   detector = train.build(cfg)
-  batches = two_process_batches(cfg)
+  batches = one_process_batches(cfg)
 
   mesh1 = train.make_mesh(jax.devices()[:1])
   with _timed('init'):
@@ -382,7 +381,7 @@ def role_single(out_dir: str) -> None:
     if n == 1:
       workdir = str(out / 'one_process')
       manager = ckpt_lib.make_manager(workdir, cfg)
-      ckpt_lib.save(manager, STEPS, state, None)
+      ckpt_lib.save(manager, STEPS, state)
       manager.wait_until_finished()
       record_detections(pathlib.Path(workdir, 'detections.npz'))
       with _timed('1 device: evaluate'):
@@ -407,15 +406,20 @@ def role_worker(w1: str, w2: str, w3: str) -> None:
   from smallssd_jax import runner  # pylint: disable=g-import-not-at-top
   from smallssd_jax import train  # pylint: disable=g-import-not-at-top
 
+  calls = count_metric_calls()
+  results = []
   record_detections(pathlib.Path(w2, 'detections.npz'))
   with _timed('train + evaluate'):
-    runner.run(tiny_config(), w2, 'train')
+    results.append(runner.run(tiny_config(), w2, 'train'))
   # `--mode=eval --config.eval.checkpoint=w1`, in the same processes (a second run).
   record_detections(pathlib.Path(w3, 'detections.npz'))
   cfg = tiny_config()
   cfg.eval.checkpoint = w1
   with _timed('evaluate the 1-process checkpoint'):
-    runner.run(cfg, w3, 'eval')
+    results.append(runner.run(cfg, w3, 'eval'))
+  results = [{k: None if v != v else v for k, v in r.items()} for r in results]  # NaN: no AP
+  pathlib.Path(w2, f'scored_{jax.process_index()}.json').write_text(json.dumps(
+      {'metric_calls': len(calls), 'results': results}))
   # The raw restore, for an exact comparison of the variables.
   cfg = tiny_config()
   mesh = train.make_mesh()
@@ -452,6 +456,17 @@ def role_restore(w2: str) -> None:
   record_detections(out / 'detections.npz')
   with _timed('evaluate'):
     eval_lib.Evaluator(cfg, detector, mesh).run(state, step=step, workdir=str(out))
+
+  # Resume the 2-process run at step 1 on one process: the full state, and the
+  # data iterator rebuilt at that step.
+  out = pathlib.Path(w2, 'resumed_on_one_process')
+  out.mkdir()
+  state = ckpt_lib.restore_state(ckpt_lib.make_manager(w2, cfg), abstract, 1)
+  assert int(state.step) == 1
+  step_fn = train.jit_train_step(detector, cfg, mesh, state)
+  for i, local in enumerate(one_process_batches(cfg, start_step=1), start=1):
+    state, _ = step_fn(state, train.to_global_batch(local, mesh), jax.random.key(i))
+  np.savez(out / 'final.npz', **_state_arrays(state))
 
 
 ROLES = {'single': role_single, 'worker': role_worker, 'restore': role_restore}

@@ -88,45 +88,44 @@ def test_epochs_reshuffle_and_cover_the_split():
   assert not np.array_equal(first, second)
 
 
-def test_iterator_state_restores_exact_batches():
-  cfg = _config(seed=5, read_threads=2)  # prefetching threads run ahead of the state
-  it = pipeline.make_train_iterator(cfg)
-  _take(it, 2)
-  state = it.get_state()
-  expected = _take(it, 2)
-  resumed = pipeline.make_train_iterator(cfg)
-  resumed.set_state(state)
-  assert _same(expected, _take(resumed, 2))
+def _concat(parts):
+  """Local batches of several processes, in process order: one global batch."""
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def test_worker_process_matches_in_process_and_resumes():
-  cfg = _config(seed=6, num_workers=1)
-  it = pipeline.make_train_iterator(cfg)
-  try:
-    first = _take(it, 2)
-    state = it.get_state()
-    expected = _take(it, 1)
-  finally:
-    it.close()
-  assert _same(first, _take(pipeline.make_train_iterator(_config(seed=6)), 2))
-  resumed = pipeline.make_train_iterator(cfg)
-  try:
-    resumed.set_state(state)
-    assert _same(expected, _take(resumed, 1))
-  finally:
-    resumed.close()
+def test_batches_are_a_function_of_the_step():
+  """A resumed run rebuilds its iterator at the step: the batches it would have seen."""
+  cfg = _config(seed=5, read_threads=2)  # prefetching threads run ahead of the consumer
+  straight = _take(pipeline.make_train_iterator(cfg), 4)
+  assert _same(straight[2:], _take(pipeline.make_train_iterator(cfg, start_step=2), 2))
+  assert not _same(straight[:1], straight[1:2])
 
 
-def test_each_process_reads_its_own_shard():
+def test_worker_processes_give_the_same_batches():
+  cfg = _config(seed=6, num_workers=2)
+  reference = _take(pipeline.make_train_iterator(_config(seed=6)), 3)
+  for start in (0, 1):
+    it = pipeline.make_train_iterator(cfg, start_step=start)
+    try:
+      assert _same(reference[start:], _take(it, 3 - start)), start
+    finally:
+      it.close()
+
+
+@pytest.mark.parametrize('processes', [2, 4])
+def test_processes_split_each_global_batch(processes):
+  """Process p holds the p-th slice of the global batch one process would train on."""
   cfg = _config(batch_size=8)
-  ids = []
-  for p in range(2):
-    batches = _take(pipeline.make_train_iterator(cfg, process_index=p, process_count=2), 3)
-    assert batches[0]['image'].shape[0] == 4
-    ids.append(set(np.concatenate([b['image_id'] for b in batches]).tolist()))
-  assert all(i % 2 == 0 for i in ids[0]) and all(i % 2 == 1 for i in ids[1])
+  whole = _take(pipeline.make_train_iterator(cfg), 3)
+  parts = [_take(pipeline.make_train_iterator(cfg, p, processes), 3) for p in range(processes)]
+  assert all(b['image'].shape[0] == 8 // processes for part in parts for b in part)
+  assert _same(whole, [_concat([part[i] for part in parts]) for i in range(3)])
+  ids = [set(np.concatenate([b['image_id'] for b in part]).tolist()) for part in parts]
+  assert not set.intersection(*ids)
   with pytest.raises(ValueError, match='divisible'):
     pipeline.make_train_iterator(_config(batch_size=5), 0, 2)
+  with pytest.raises(ValueError, match='process_index=2'):
+    pipeline.make_train_iterator(cfg, 2, 2)
 
 
 def test_eval_batches_pad_the_last_batch():
@@ -186,13 +185,29 @@ def test_bad_image_errors_or_is_skipped(tmp_path):
   with pytest.raises(records.BadExampleError, match='000003.jpg: image data is corrupt'):
     _take(it, 3)
   before = sum(pipeline.skipped.values())
-  it = pipeline.make_train_iterator(_voc_config(root, on_bad_example='skip'))
-  ids = np.concatenate([b['image_id'] for b in _take(it, 5)])
-  assert 3 not in ids and set(ids.tolist()) == {0, 1, 2, 4, 5}
+  cfg = _voc_config(root, on_bad_example='skip')
+  batches = _take(pipeline.make_train_iterator(cfg), 5)
+  ids = np.concatenate([b['image_id'] for b in batches])
+  # The bad example's slots are filled (by the same position one epoch later).
+  assert len(ids) == 10 and 3 not in ids and set(ids.tolist()) == {0, 1, 2, 4, 5}
   assert sum(pipeline.skipped.values()) > before
+  # ... in the same way whatever the number of processes.
+  parts = [_take(pipeline.make_train_iterator(cfg, p, 2), 5) for p in range(2)]
+  assert _same(batches, [_concat([part[i] for part in parts]) for i in range(5)])
   batches = list(pipeline.make_eval_batches(_voc_config(root, on_bad_example='skip')))
   masks = np.concatenate([b['example_mask'] for b in batches])
   np.testing.assert_array_equal(masks, [True, True, True, False, True, True])
+
+
+def test_a_split_of_bad_images_is_an_error_when_skipping(tmp_path):
+  root = bench.write_voc(str(tmp_path), 2)
+  folder = os.path.join(root, 'VOC2007', 'JPEGImages')
+  for name in os.listdir(folder):
+    with open(os.path.join(folder, name), 'wb') as f:
+      f.write(b'garbage')
+  it = pipeline.make_train_iterator(_voc_config(root, on_bad_example='skip'))
+  with pytest.raises(ValueError, match=f'{pipeline.MAX_REPLACEMENTS} examples in a row were bad'):
+    next(it)
 
 
 def test_audit_counts_and_check_flag(tmp_path):

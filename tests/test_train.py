@@ -290,7 +290,7 @@ def test_init_from_another_run_starts_at_step_zero_with_its_params(straight_run,
   fresh = state0.replace(opt_state=tx.init(state0.params), tx=tx)
   assert jax.tree.structure(fresh.opt_state) != jax.tree.structure(state0.opt_state)
   manager = ckpt_lib.make_manager(str(tmp_path), cfg)
-  state, how = ckpt_lib.restore_or_initialize(manager, fresh, None, cfg, detector)
+  state, how = ckpt_lib.restore_or_initialize(manager, fresh, cfg, detector)
   assert how == f'initialised from {workdir} step {STEPS}'
   assert int(state.step) == 0 and int(state.bad_step) == -1
   source = load_state(workdir, STEPS, state0)
@@ -301,8 +301,8 @@ def test_init_from_another_run_starts_at_step_zero_with_its_params(straight_run,
       'a fresh optimizer: no momentum carried over from the other run'
 
   # Once this workdir has its own checkpoint, resuming wins over init_from.
-  ckpt_lib.save(manager, 1, state.replace(step=state.step + 1), None)
-  again, how = ckpt_lib.restore_or_initialize(manager, fresh, None, cfg, detector)
+  ckpt_lib.save(manager, 1, state.replace(step=state.step + 1))
+  again, how = ckpt_lib.restore_or_initialize(manager, fresh, cfg, detector)
   assert how == 'resumed from step 1' and int(again.step) == 1
 
 
@@ -322,16 +322,16 @@ def test_keeps_the_last_n_and_the_best_map(tmp_path):
   maps = {1: 0.10, 2: 0.70, 3: 0.30, 4: 0.05, 5: 0.40, 6: 0.50}
   manager = ckpt_lib.make_manager(str(tmp_path), cfg)
   for step, m in maps.items():
-    ckpt_lib.save(manager, step, state_at(step), None, {'mAP': m, 'APs': 0.0})
+    ckpt_lib.save(manager, step, state_at(step), {'mAP': m, 'APs': 0.0})
   manager.wait_until_finished()
   assert manager.all_steps() == [2, 5, 6]   # the highest mAP, not the lowest (step 4)
 
   # A restarted run (a new manager) still knows the metrics of the old checkpoints;
   # checkpoints without an evaluation only count towards the last N.
   manager = ckpt_lib.make_manager(str(tmp_path), cfg)
-  ckpt_lib.save(manager, 7, state_at(7), None, {'mAP': 0.60})
-  ckpt_lib.save(manager, 8, state_at(8), None)
-  ckpt_lib.save(manager, 9, state_at(9), None)
+  ckpt_lib.save(manager, 7, state_at(7), {'mAP': 0.60})
+  ckpt_lib.save(manager, 8, state_at(8))
+  ckpt_lib.save(manager, 9, state_at(9))
   manager.wait_until_finished()
   assert manager.all_steps() == [2, 8, 9]
   template_state = state_at(0)

@@ -1,23 +1,26 @@
 """grain pipelines: sources -> augmented, padded, batched numpy dicts.
 
-Training (`make_train_iterator`):
+Training (`make_train_iterator`): one global order of examples, whatever
+the number of processes, workers or read threads:
 
-  MapDataset.range(len(source))     the source's indices
-    [process_index::process_count]  each host reads only its own shard
-    .shuffle(seed)                  global shuffle, reshuffled every epoch
-    .repeat()
-    .random_map(load + augment + pad)  per-element rng from (seed, position):
-                                    the same batches for the same seed, for
-                                    any number of read threads
-    .to_iter_dataset()              drops skipped (bad) examples
-    .batch(B, drop_remainder=True)
-    .mp_prefetch(num_workers)       worker processes (spawn; absl flags must
-                                    be parsed, as main.py's app.run does)
+  MapDataset.range(len(source))
+    .shuffle(seed) / window shuffle  reshuffled every epoch
+    .repeat()                        global position -> source index
+    .random_map(load + augment + pad)  per-element rng from (seed, position)
+  MapDataset.range(start_step, inf)  the global step k
+    .map(_StepBatch)                 this process's share of step k's global
+                                     batch: positions k*B + p*b ... + b - 1
+                                     (B = config.batch_size, b = B / processes)
+    .to_iter_dataset()               read threads prefetch whole batches
+    .mp_prefetch(num_workers)        worker processes (spawn; absl flags must
+                                     be parsed, as main.py's app.run does)
 
-The iterator's `get_state()` / `set_state()` restore the exact position, so a
-resumed run sees the batches it would have seen. The element order depends on
-`data.num_workers` (each worker batches its own slice), so keep it fixed
-across a resume.
+So the global batch of step k is the same on 1 process and on n (process p
+holds its p-th slice of it), and batches depend only on (config, step): a
+resumed run rebuilds its iterator at the checkpoint's step, with any number of
+processes or workers. A bad example skipped under `on_bad_example='skip'` is
+replaced by the example at the same position one epoch later (deterministic
+too).
 
 Evaluation (`make_eval_batches`) is finite and unshuffled: every process
 gets the same number of batches (its shard padded with empty examples), and
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import math
+import sys
 from typing import Any, Sequence
 
 from absl import logging
@@ -159,6 +163,36 @@ class _TrainMap(grain.transforms.RandomMap):
     return self.loader(element, rng)
 
 
+# Positions tried (one epoch apart) for a slot whose examples are all bad.
+MAX_REPLACEMENTS = 100
+
+
+class _StepBatch(grain.transforms.Map):
+  """Global step -> this process's slice of that step's global batch."""
+
+  def __init__(self, examples: grain.MapDataset, epoch_size: int, global_batch: int,
+               process_index: int, process_count: int):
+    self.examples = examples
+    self.epoch_size = epoch_size
+    self.local_batch = global_batch // process_count
+    self.global_batch = global_batch
+    self.process_index = process_index
+
+  def _example(self, position: int) -> dict[str, np.ndarray]:
+    for attempt in range(MAX_REPLACEMENTS):
+      example = self.examples[position + attempt * self.epoch_size]
+      if example is not None:
+        return example
+    raise ValueError(
+        f'{MAX_REPLACEMENTS} examples in a row were bad (training position {position} and '
+        f'the same position in the next epochs); see the skipped examples logged above')
+
+  def map(self, element: int) -> dict[str, np.ndarray]:
+    first = int(element) * self.global_batch + self.process_index * self.local_batch
+    examples = [self._example(first + j) for j in range(self.local_batch)]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
 class _EvalMap(grain.transforms.Map):
 
   def __init__(self, loader: ExampleLoader, input_size: int, image_dtype):
@@ -198,12 +232,13 @@ def _per_process(total: int, process_count: int, what: str) -> int:
   return total // process_count
 
 
-def _read_options(data_cfg, batch_size: int) -> grain.ReadOptions:
-  threads = int(data_cfg.get('read_threads', 0))
-  # A couple of batches in flight: grain's default buffer (500 elements) would
-  # hold ~0.5 GB of float32 300x300 images per process.
-  return grain.ReadOptions(num_threads=threads,
-                           prefetch_buffer_size=max(1, int(data_cfg.prefetch)) * batch_size)
+def _read_options(data_cfg) -> grain.ReadOptions:
+  """`data.prefetch` batches in flight (the elements read are whole batches).
+
+  grain's default buffer (500 elements) would hold hundreds of batches.
+  """
+  return grain.ReadOptions(num_threads=int(data_cfg.get('read_threads', 0)),
+                           prefetch_buffer_size=max(1, int(data_cfg.prefetch)))
 
 
 def _mp_options(data_cfg) -> grain.MultiprocessingOptions:
@@ -211,49 +246,53 @@ def _mp_options(data_cfg) -> grain.MultiprocessingOptions:
                                       per_worker_buffer_size=max(1, int(data_cfg.prefetch)))
 
 
-def make_train_dataset(config, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
+def make_train_dataset(config, process_index: int = 0, process_count: int = 1,
+                       start_step: int = 0) -> grain.IterDataset:
   """The training pipeline as a grain IterDataset (see the module docstring)."""
   data_cfg = config.data
   source = sources.get_source(data_cfg, data_cfg.train_split)
   _check_classes(config, source)
   if len(source) == 0:
     raise ValueError(f'training split {data_cfg.train_split!r} of {data_cfg.name} is empty')
-  batch_size = _per_process(int(config.batch_size), process_count, 'config.batch_size')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
+  global_batch = int(config.batch_size)
+  batch_size = _per_process(global_batch, process_count, 'config.batch_size')
   input_size = int(config.model.input_size)
   loader = ExampleLoader(source, augment.train_ops(data_cfg, input_size),
                          int(data_cfg.max_boxes), data_cfg.on_bad_example)
   seed = int(config.seed)
-  ds = grain.MapDataset.range(len(source))[process_index::process_count]
-  if len(ds) == 0:
-    raise ValueError(f'process {process_index} of {process_count} has no training examples')
+  order = grain.MapDataset.range(len(source))
   if int(data_cfg.get('shuffle_buffer', 0)) > 0:
-    ds = grain.experimental.WindowShuffleMapDataset(
-        ds, window_size=int(data_cfg.shuffle_buffer), seed=_derive_seed(seed, process_index, 1))
+    order = grain.experimental.WindowShuffleMapDataset(
+        order, window_size=int(data_cfg.shuffle_buffer), seed=_derive_seed(seed, 1))
   else:
-    ds = ds.shuffle(seed=_derive_seed(seed, process_index, 1))
-  ds = ds.repeat(None)
-  ds = ds.random_map(_TrainMap(loader), seed=_derive_seed(seed, process_index, 2))
-  ds = ds.to_iter_dataset(_read_options(data_cfg, batch_size))
-  ds = ds.batch(batch_size, drop_remainder=True)
+    order = order.shuffle(seed=_derive_seed(seed, 1))
+  examples = order.repeat(None).random_map(_TrainMap(loader), seed=_derive_seed(seed, 2))
+  steps = grain.MapDataset.range(int(start_step), sys.maxsize)
+  ds = steps.map(_StepBatch(examples, len(source), global_batch, process_index, process_count))
+  ds = ds.to_iter_dataset(_read_options(data_cfg))
   return ds.mp_prefetch(_mp_options(data_cfg))
 
 
-def make_train_iterator(config, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+def make_train_iterator(config, process_index: int = 0, process_count: int = 1,
+                        start_step: int = 0) -> grain.DatasetIterator:
   """An endless iterator of training batches for this process.
 
   Args:
     config: the full run config (uses seed, batch_size, model.input_size,
       model.num_classes and data).
-    process_index, process_count: this host's shard (jax.process_index() /
-      jax.process_count(), passed in so the data code needs no JAX).
+    process_index, process_count: this host's slice of each global batch
+      (jax.process_index() / jax.process_count(), passed in so the data code
+      needs no JAX).
+    start_step: the first global step to yield the batch of (a resumed run's
+      step).
 
   Returns:
-    a grain iterator (with get_state / set_state) of batch dicts with
-    config.batch_size // process_count examples (module docstring).
+    a grain iterator of batch dicts with config.batch_size // process_count
+    examples (module docstring).
   """
-  return iter(make_train_dataset(config, process_index, process_count))
+  return iter(make_train_dataset(config, process_index, process_count, start_step))
 
 
 def eval_layout(num_examples: int, batch_size: int, process_index: int,
@@ -293,7 +332,7 @@ def make_eval_batches(config, split: str | None = None, process_index: int = 0,
   image_dtype = np.uint8 if augment.pixels_on_device(data_cfg) else np.float32
   ds = grain.MapDataset.source(indices).map(_EvalMap(loader, input_size, image_dtype))
   ds = ds.batch(batch_size, drop_remainder=False)
-  ds = ds.to_iter_dataset(_read_options(data_cfg, 1))
+  ds = ds.to_iter_dataset(_read_options(data_cfg))
   return ds.mp_prefetch(_mp_options(data_cfg))
 
 
