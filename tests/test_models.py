@@ -419,6 +419,34 @@ def test_conv_matches_flax_conv_forward_and_gradients(stride, padding, dilation)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('poison', ['none', 'input', 'kernel'])
+def test_conv_nhwc_gradients_equal_the_plain_convolution(poison):
+  """The stored input (layers.py) changes nothing, NaNs included, and is a conditional on the CPU."""
+  rs = np.random.RandomState(0)
+  x, kernel = rs.randn(2, 9, 11, 5).astype(np.float32), rs.randn(3, 3, 5, 4).astype(np.float32)
+  if poison == 'input':
+    x[0, 0, 0, 0] = np.nan
+  elif poison == 'kernel':
+    kernel[0, 0, 0, 0] = np.nan   # the element the predicate is made of
+  spec = (2, 1, 1)
+  weights = jnp.arange(4.0)
+
+  def grads(conv):
+    loss = lambda x, k: jnp.sum(jnp.sin(conv(x, k, spec)) * weights)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+  got = grads(layers.conv_nhwc)(x, kernel)
+  want = grads(layers._conv_apply)(x, kernel)   # pylint: disable=protected-access
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+  assert np.isnan(np.asarray(got[1][1])).any() == (poison != 'none')
+  hlo = grads(layers.conv_nhwc).lower(x, kernel).compile().as_text()
+  assert ('conditional' in hlo) == (jax.default_backend() == 'cpu')
+  # Inference (no gradient) runs the convolution alone.
+  forward = jax.jit(lambda x, k: layers.conv_nhwc(x, k, spec)).lower(x, kernel).compile()
+  assert 'conditional' not in forward.as_text()
+
+
 @pytest.mark.parametrize('train', [True, False])
 def test_batch_norm_matches_flax_batch_norm(train):
   x = jnp.asarray(np.random.RandomState(0).randn(4, 5, 6, 3).astype(np.float32) * 3 + 1)
