@@ -32,10 +32,11 @@ num_classes of the config) the same way on the same machine and batch:
 inference in `eval()` under `no_grad` (its transform, forward, decode and
 NMS; it resizes every input to 300x300), and an SGD step in `train()` with
 the batch's boxes as targets; `torch.set_num_threads(os.cpu_count())` on
-CPU. Then both are timed again in alternation (--steps rounds of one call
-each) and the ratio ours / torchvision is the median of the per-round speed
-ratios (above 1: ours is faster), so load drifting on a shared machine
-affects both sides alike.
+CPU. Then both are timed again taking turns (--steps rounds; each turn one
+untimed call, then the timed one, so that each side is timed right after its
+own previous call, as in a training loop) and the ratio ours / torchvision is
+the median of the per-round speed ratios (above 1: ours is faster), so load
+drifting on a shared machine affects both sides alike.
 Compare like with like: `configs/ssd300_*.py` is the same network.
 
 Timings mean something only on an otherwise idle machine.
@@ -91,16 +92,24 @@ def define_flags() -> None:
 TIMED = '_timed'
 
 
-def paired_seconds(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-  """Wall times of each `fn()` over `rounds` rounds, the calls alternating.
+def paired_seconds(fns: dict[str, Callable[[], Any]], rounds: int,
+                   untimed: int = 1) -> dict[str, list[float]]:
+  """Wall times of each `fn()` over `rounds` rounds, the programs taking turns.
 
   On a shared machine the load drifts over minutes; timing two programs in
   alternation exposes both to the same drift, so their per-round ratio is
-  steadier than the ratio of two medians taken minutes apart.
+  steadier than the ratio of two medians taken minutes apart. Each turn makes
+  `untimed` calls before the timed one, so that a program is timed as a
+  training loop runs it, right after its own previous call: the first
+  SSD300 train step after a torchvision step (or after a pause) measured
+  1.1-1.5 s slower than the next ones (7.3 s) on the 2-core CPU, which timed
+  every call of ours in that state and not torchvision's.
   """
   times = {k: [] for k in fns}
   for _ in range(max(1, rounds)):
     for key, fn in fns.items():
+      for _ in range(untimed):
+        fn()
       start = time.perf_counter()
       fn()
       times[key].append(time.perf_counter() - start)
@@ -419,8 +428,9 @@ def format_report(results: dict[str, Any]) -> str:
                          ('train_images_per_sec', 'training (images/s)')):
         lines.append(f'{label:<32} {tv[key]["value"]:>12.2f}  {tv[key]["device"]}')
       lines.append('')
-      lines.append(f'paired: ours and torchvision alternating, {results["steps"]} rounds; '
-                   'ours / torchvision = median of the per-round speed ratios')
+      lines.append(f'paired: ours and torchvision taking turns, {results["steps"]} rounds '
+                   '(an untimed call, then a timed one); ours / torchvision = median of the '
+                   'per-round speed ratios')
       n = results['batch']
       for key, label in (('inference_images_per_sec', 'inference'),
                          ('train_images_per_sec', 'training')):

@@ -15,7 +15,7 @@ time).
 
 With --compare-torch (torch installed) the same convolutions run in PyTorch
 (`torch.nn.functional.conv2d`, NCHW, `set_num_threads(os.cpu_count())`),
-alternating with ours call by call; the ratio is the median per-call ratio
+taking turns with ours (`bench.paired_seconds`); the ratio is the median per-round ratio
 (above 1: ours is faster). Timings mean something only on an otherwise idle
 machine.
 """

@@ -60,11 +60,14 @@ def test_bench_smoke(tmp_path):
 def test_paired_seconds_alternates_the_calls():
   from smallssd_jax import bench  # pylint: disable=g-import-not-at-top
   calls = []
-  times = bench.paired_seconds({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')},
-                               3)
-  assert calls == ['a', 'b'] * 3
+  fns = {'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}
+  times = bench.paired_seconds(fns, 3)
+  assert calls == ['a', 'a', 'b', 'b'] * 3   # an untimed call before each timed one
   assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3}
   assert all(t >= 0 for v in times.values() for t in v)
+  calls.clear()
+  bench.paired_seconds(fns, 2, untimed=0)
+  assert calls == ['a', 'b'] * 2
 
 
 def test_synthetic_batch_has_the_pipeline_shapes():
