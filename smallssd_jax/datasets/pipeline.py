@@ -171,11 +171,11 @@ class _StepBatch(grain.transforms.Map):
   """Global step -> this process's slice of that step's global batch."""
 
   def __init__(self, examples: grain.MapDataset, epoch_size: int, global_batch: int,
-               process_index: int, process_count: int):
+               local_batch: int, process_index: int):
     self.examples = examples
     self.epoch_size = epoch_size
-    self.local_batch = global_batch // process_count
     self.global_batch = global_batch
+    self.local_batch = local_batch
     self.process_index = process_index
 
   def _example(self, position: int) -> dict[str, np.ndarray]:
@@ -270,7 +270,7 @@ def make_train_dataset(config, process_index: int = 0, process_count: int = 1,
     order = order.shuffle(seed=_derive_seed(seed, 1))
   examples = order.repeat(None).random_map(_TrainMap(loader), seed=_derive_seed(seed, 2))
   steps = grain.MapDataset.range(int(start_step), sys.maxsize)
-  ds = steps.map(_StepBatch(examples, len(source), global_batch, process_index, process_count))
+  ds = steps.map(_StepBatch(examples, len(source), global_batch, batch_size, process_index))
   ds = ds.to_iter_dataset(_read_options(data_cfg))
   return ds.mp_prefetch(_mp_options(data_cfg))
 
