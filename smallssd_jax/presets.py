@@ -279,6 +279,8 @@ def data(name: str = 'builtin_small', **overrides) -> ConfigDict:
           max_objects=32,            # must stay <= max_boxes
           min_size=6.0,              # object size sqrt(box area) in pixels at image_size,
           max_size=64.0,             # log-uniform in [min_size, max_size]
+          min_distractors=0,         # unlabelled shapes of the other classes per image,
+          max_distractors=0,         # uniform in [min, max]; 0: none
       )),
       # Caffe SSD augmentation parameters (SPEC section 3; datasets/augment.py).
       photometric=ConfigDict(dict(

@@ -95,3 +95,24 @@ def test_source_interface():
   small = presets.data()
   small.builtin.image_size = 96
   assert sources.get_source(small, 'train')[0]['image'].shape == (96, 96, 3)
+
+
+def test_distractors_are_unlabelled_shapes_added_after_the_objects():
+  plain = _cfg(min_size=4.0, max_size=24.0, min_objects=16, max_objects=48)
+  busy = _cfg(min_size=4.0, max_size=24.0, min_objects=16, max_objects=48,
+              min_distractors=4, max_distractors=16)
+  for i in range(4):
+    a, b = builtin.render(plain, 'train', i), builtin.render(busy, 'train', i)
+    # The same objects (distractors draw from the random stream after them), more shapes.
+    np.testing.assert_array_equal(a['boxes'], b['boxes'])
+    np.testing.assert_array_equal(a['labels'], b['labels'])
+    changed = np.any(a['image'] != b['image'], axis=-1)
+    assert changed.mean() > 0.002
+    # Nothing is drawn over an object beyond the allowed overlap.
+    px = np.round(a['boxes'] * 300).astype(int)
+    inside = np.zeros_like(changed)
+    for y0, x0, y1, x1 in px:
+      inside[y0:y1, x0:x1] = True
+    assert changed[inside].mean() < builtin._MAX_OVERLAP
+  with pytest.raises(ValueError, match='shapes outside'):
+    builtin.render(_cfg(num_classes=len(builtin.SHAPES), max_distractors=2), 'train', 0)

@@ -121,9 +121,19 @@ def _contrasting_colours(rng: np.random.Generator, bg_luma: np.ndarray) -> np.nd
   return np.round(colour).astype(np.int64)
 
 
+def _conflicts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """[len(a), len(b)] bool: inclusive pixel boxes overlapping by more than _MAX_OVERLAP."""
+  lo = np.maximum(a[:, None, :2], b[None, :, :2])
+  hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+  inter = np.prod(np.clip(hi - lo + 1, 0, None), axis=-1)
+  area = lambda x: (x[:, 2] - x[:, 0] + 1) * (x[:, 3] - x[:, 1] + 1)
+  return inter > _MAX_OVERLAP * np.minimum(area(a)[:, None], area(b)[None, :])
+
+
 def _place(rng: np.random.Generator, n: int, size: int, min_size: float,
-           max_size: float) -> np.ndarray:
-  """Up to n boxes `[y0, x0, y1, x1]` (inclusive integer pixels), limited overlap."""
+           max_size: float, taken: np.ndarray | None = None) -> np.ndarray:
+  """Up to n boxes `[y0, x0, y1, x1]` (inclusive integer pixels), limited overlap
+  with each other and with the boxes already `taken`."""
   m = 3 * n
   side = np.exp(rng.uniform(math.log(min_size), math.log(max_size), m))
   aspect = np.exp(rng.uniform(math.log(0.75), math.log(1.0 / 0.75), m))
@@ -133,12 +143,10 @@ def _place(rng: np.random.Generator, n: int, size: int, min_size: float,
   x0 = (rng.random(m) * (size - w + 1)).astype(np.int64)
   boxes = np.stack([y0, x0, y0 + h - 1, x0 + w - 1], 1)
   # Conflicts between every candidate pair at once, then a greedy pass.
-  lo = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
-  hi = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-  inter = np.prod(np.clip(hi - lo + 1, 0, None), axis=-1)  # inclusive pixel boxes
-  area = h * w
-  conflict = inter > _MAX_OVERLAP * np.minimum(area[:, None], area[None, :])
+  conflict = _conflicts(boxes, boxes)
   blocked = np.zeros(m, bool)
+  if taken is not None and len(taken):
+    blocked |= _conflicts(boxes, taken).any(axis=1)
   chosen = []
   for i in range(m):
     if blocked[i]:
@@ -197,6 +205,41 @@ def _draw_object(image: Image.Image, draw: ImageDraw.ImageDraw, shape: str,
     raise ValueError(f'unknown shape {shape!r}')
 
 
+def _distractors(image: Image.Image, draw: ImageDraw.ImageDraw, rng: np.random.Generator, cfg,
+                 objects: np.ndarray, window: np.ndarray, lut: np.ndarray) -> None:
+  """Unlabelled shapes of the classes left out (`SHAPES[num_classes:]`), as clear as the objects.
+
+  `data.builtin.max_distractors` per image at most (0: none, and no random
+  draw, so images without distractors are unchanged). They overlap no object
+  by more than _MAX_OVERLAP: a detector must learn the classes' shapes, not
+  "a contrasting blob".
+  """
+  most = int(cfg.max_distractors)
+  if most <= 0:
+    return
+  num_classes = int(cfg.num_classes)
+  kinds = SHAPES[num_classes:]
+  if not kinds:
+    raise ValueError(f'data.builtin.max_distractors needs shapes outside the {num_classes} '
+                     f'classes; builtin_small has {len(SHAPES)} shapes in all')
+  size = int(cfg.image_size)
+  n = int(rng.integers(int(cfg.min_distractors), most + 1))
+  boxes = _place(rng, n, size, float(cfg.min_size), float(cfg.max_size), taken=objects)
+  if not len(boxes):
+    return
+  frac = np.array([0.2, 0.5, 0.8])
+  ys = np.round(boxes[:, 0:1] + frac * (boxes[:, 2:3] - boxes[:, 0:1])).astype(np.int64)
+  xs = np.round(boxes[:, 1:2] + frac * (boxes[:, 3:4] - boxes[:, 1:2])).astype(np.int64)
+  under = lut[np.arange(3), window[ys[:, :, None], xs[:, None, :]].reshape(len(boxes), -1, 3)].mean(1)
+  colours = _contrasting_colours(rng, under @ _LUMA)
+  seconds = _contrasting_colours(rng, colours @ _LUMA)
+  shapes = rng.integers(0, len(kinds), len(boxes)).tolist()
+  variants = rng.integers(0, 4, len(boxes)).tolist()
+  for box, shape, colour, second, variant in zip(boxes.tolist(), shapes, colours.tolist(),
+                                                 seconds.tolist(), variants):
+    _draw_object(image, draw, kinds[shape], box, tuple(colour), tuple(second), variant)
+
+
 def render(cfg, split: str, index: int) -> records.Example:
   """Generates example `index` of `split` from the `data.builtin` config.
 
@@ -231,6 +274,7 @@ def render(cfg, split: str, index: int) -> records.Example:
   for box, label, colour, second, variant in zip(boxes.tolist(), labels.tolist(),
                                                  colours.tolist(), seconds.tolist(), variants):
     _draw_object(image, draw, SHAPES[label - 1], box, tuple(colour), tuple(second), variant)
+  _distractors(image, draw, rng, cfg, boxes, window, lut)
   px = boxes.astype(np.float32)
   norm = np.stack([px[:, 0], px[:, 1], px[:, 2] + 1, px[:, 3] + 1], 1) / size if len(px) else (
       np.zeros((0, 4), np.float32))
