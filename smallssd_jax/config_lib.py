@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import pathlib
 from typing import Any
 
+from absl import flags as absl_flags
 import ml_collections
+from ml_collections import config_flags
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -42,3 +45,45 @@ def auto_bool(value: Any, field: str) -> bool | str:
   if text in _FALSE:
     return False
   raise ValueError(f"{field} must be True, False or 'auto', got {value!r}")
+
+
+def parse_list(value: Any) -> list:
+  """A list-valued config field from the command line.
+
+  `'[100, 200]'` or `"['flip', 'zoom_out']"` (Python literals), or comma
+  separated items (`100,200`, `flip,zoom_out`), each read as a Python literal
+  where it is one and as a string otherwise. An empty string is `[]`.
+  """
+  if isinstance(value, (list, tuple)):
+    return list(value)
+  text = str(value).strip()
+  if not text:
+    return []
+  try:
+    parsed = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    parsed = None
+  if isinstance(parsed, (list, tuple)):
+    return list(parsed)
+
+  def item(part: str) -> Any:
+    try:
+      return ast.literal_eval(part)
+    except (ValueError, SyntaxError):
+      return part
+  return [item(p.strip()) for p in text.split(',')]
+
+
+class ListParser(absl_flags.ArgumentParser):
+  """absl parser for list-valued config fields (`--config.optim.boundaries=100,200`)."""
+
+  def parse(self, argument):
+    return parse_list(argument)
+
+  def flag_type(self):
+    return 'list'
+
+
+def register_flag_parsers() -> None:
+  """Lets `--config.<field>=...` set list fields too (ml_collections handles scalars and tuples)."""
+  config_flags.register_flag_parser_for_type(list, ListParser())

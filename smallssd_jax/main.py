@@ -13,8 +13,10 @@ from absl import flags
 from ml_collections import config_flags
 
 import smallssd_jax  # noqa: F401  (CPU XLA defaults before any backend starts)
+from smallssd_jax import config_lib
 from smallssd_jax import runner
 
+config_lib.register_flag_parsers()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and outputs.')

@@ -59,3 +59,29 @@ def test_parse_arg():
 def test_default_config_rejects_unknown_model():
   with pytest.raises(ValueError, match='yolo'):
     load_config(f'{CONFIGS[0].parent / "default.py"}:yolo')
+
+
+@pytest.mark.parametrize('text,want', [
+    ('[100, 200]', [100, 200]), ('100,200', [100, 200]), ('flip, zoom_out', ['flip', 'zoom_out']),
+    ("['nconv4_3']", ['nconv4_3']), ('nconv4_3', ['nconv4_3']), ('', []), ('[]', []),
+    ('[[2], [2, 3]]', [[2], [2, 3]]), ('(1.5, 2)', [1.5, 2])])
+def test_list_fields_parse_from_the_command_line(text, want):
+  from smallssd_jax import config_lib  # pylint: disable=g-import-not-at-top
+  assert config_lib.parse_list(text) == want
+
+
+def test_config_flag_overrides_list_fields():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from smallssd_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config_lib.register_flag_parsers()
+  values = flags.FlagValues()
+  path = str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py')
+  argv = ['prog', f'--config={path}', '--config.optim.boundaries=10,20',
+          '--config.data.augment=flip', '--config.data.mean=[1.0, 2.0, 3.0]']
+  holder = config_flags.DEFINE_config_file('config', None, flag_values=values, lock_config=True,
+                                           sys_argv=argv)
+  values(argv)
+  assert list(holder.value.optim.boundaries) == [10, 20]
+  assert list(holder.value.data.augment) == ['flip']
+  assert list(holder.value.data.mean) == [1.0, 2.0, 3.0]
