@@ -88,15 +88,16 @@ def expected_params(name, size, classes=21):
     return vgg_params() + 512 + ssd_extras_params(size == 512) + ssd_head_params(
         channels, anchors, classes)
   if name == 'dfssd':
-    kernel = 4 if size == 300 else 8
+    kernel = 8     # = the stride at both sizes (the paper's 300 kernel is 4: models/dfssd.py)
     deconv = 512 * 256 * kernel * kernel + 256
+    source_norms = 256 + 256     # the L2Norm scales of the two halves of nconv4_3
     projections = sum(conv(c, 256, 1, bias=False, bn=True)
                       for c in (256 + 256, 1024, 512, 256, 256))
     fused = conv(256, 256, 3)
     channels = [256, 1024, 512, 256, 256] + ([256] if size == 512 else [])
     anchors = [9] + [6] * (len(channels) - 1)
-    return (vgg_params() + 512 + ssd_extras_params(size == 512) + deconv + projections + fused
-            + ssd_head_params(channels, anchors, classes))
+    return (vgg_params() + 512 + ssd_extras_params(size == 512) + deconv + source_norms
+            + projections + fused + ssd_head_params(channels, anchors, classes))
   assert name == 'skipfpn'
   backbone = vgg_params() + conv(1024, 256, 1) + conv(256, 512, 3) + 512 + 512
   sources = [512, 512, 1024, 512]
@@ -337,6 +338,52 @@ def test_conv_transpose_matches_pytorch_scatter(size, k, s, p):
   np.testing.assert_allclose(np.asarray(got)[0], ref.transpose(1, 2, 0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('size,k,s,p,canvas', [(38, 4, 8, 1, 300), (38, 8, 8, 0, 300),
+                                               (16, 8, 8, 0, 128), (10, 3, 4, 0, 37),
+                                               (7, 2, 3, 1, 20), (9, 4, 4, 0, 40)])
+def test_deconv_avg_pool_equals_deconvolution_then_pooling(size, k, s, p, canvas):
+  """The fused DF-SSD layer equals a NumPy scatter deconvolution, centred, then bin means."""
+  rs = np.random.RandomState(1)
+  x = rs.randn(2, size, size, 3).astype(np.float32)
+  kernel = rs.randn(k, k, 3, 4).astype(np.float32)  # HWIO
+  bias = rs.randn(4).astype(np.float32)
+  full_size = (size - 1) * s + k
+  full = np.zeros((2, full_size, full_size, 4), np.float32)
+  for i in range(size):
+    for j in range(size):
+      full[:, i * s:i * s + k, j * s:j * s + k] += np.einsum('bc,klcd->bkld', x[:, i, j], kernel)
+  out_size = full_size - 2 * p
+  deconv = full[:, p:p + out_size, p:p + out_size] + bias
+  before = (canvas - out_size) // 2            # centred zero pad / crop
+  placed = np.zeros((2, canvas, canvas, 4), np.float32)
+  src = slice(max(0, -before), max(0, -before) + min(canvas, out_size))
+  dst = slice(max(0, before), max(0, before) + min(canvas, out_size))
+  placed[:, dst, dst] = deconv[:, src, src]
+  bins = [(math.floor(i * canvas / size), math.ceil((i + 1) * canvas / size)) for i in range(size)]
+  ref = np.array([[placed[:, a:b, c:d].mean(axis=(1, 2)) for c, d in bins] for a, b in bins])
+  got = layers.deconv_avg_pool(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias), s, p,
+                               (canvas, canvas), (size, size))
+  np.testing.assert_allclose(np.asarray(got), ref.transpose(2, 0, 1, 3), rtol=1e-4, atol=1e-4)
+
+  # Gradients: equal to those of the direct layers (transposed conv, crop, adaptive pool).
+  def direct(x, kernel):
+    y = layers.ConvTranspose2d(4, k, s, p).apply({'params': {'kernel': kernel, 'bias': bias}}, x)
+    return layers.adaptive_pool2d(layers.crop_or_pad(y, (canvas, canvas), True), (size, size))
+  fused = lambda x, kernel: layers.deconv_avg_pool(x, kernel, bias, s, p, (canvas, canvas),
+                                                   (size, size))
+  probe = jnp.asarray(rs.randn(2, size, size, 4).astype(np.float32))
+  grads = [jax.grad(lambda a, b: jnp.sum(f(a, b) * probe), argnums=(0, 1))(
+      jnp.asarray(x), jnp.asarray(kernel)) for f in (direct, fused)]
+  for want, got in zip(*grads):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_deconv_avg_pool_refuses_overlapping_kernels():
+  with pytest.raises(ValueError, match='kernel <= stride'):
+    layers.deconv_avg_pool(jnp.zeros((1, 4, 4, 2)), jnp.zeros((5, 5, 2, 3)), None, 4, 0,
+                           (16, 16), (4, 4))
+
+
 @pytest.mark.parametrize('mode', ['avg', 'max'])
 @pytest.mark.parametrize('size,out', [(30, 7), (16, 8), (300, 38)])
 def test_adaptive_pool_matches_pytorch_bins(mode, size, out):
@@ -380,6 +427,14 @@ def test_l2norm():
   got = layers.L2Norm(20.0).init_with_output(jax.random.key(0), jnp.asarray(x))[0]
   ref = 20.0 * x / np.linalg.norm(x, axis=-1, keepdims=True)
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
+
+
+def test_l2norm_gradient_is_finite_on_an_all_zero_position():
+  x = jnp.zeros((1, 2, 2, 4)).at[0, 0, 0].set(1.0)
+  module = layers.L2Norm(10.0)
+  variables = module.init(jax.random.key(0), x)
+  grad = jax.grad(lambda v: jnp.sum(module.apply(variables, v) ** 2 + module.apply(variables, v)))(x)
+  assert np.all(np.isfinite(np.asarray(grad)))
 
 
 def test_scaled_channels():

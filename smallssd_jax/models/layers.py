@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -187,12 +187,13 @@ class BatchNorm(nn.Module):
   momentum: float = 0.9
   epsilon: float = 1e-5
   axis_name: str | None = None
+  scale_init: float = 1.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    scale = self.param('scale', nn.initializers.constant(self.scale_init), (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
@@ -399,6 +400,126 @@ def _conv_transpose_disjoint(x: Array, kernel: Array, stride: int, padding: int)
   return full[:, padding:padding + out_h, padding:padding + out_w, :]
 
 
+class _AxisPlan(NamedTuple):
+  """One spatial axis of `deconv_avg_pool`: which input cells and kernel offsets feed each bin.
+
+  Each output bin sums, over its canvas pixels, the kernel offset each pixel
+  gets from the one input cell covering it (kernel <= stride: at most one).
+  Consecutive pixels from one cell use a contiguous offset range, so a bin is
+  a few terms (bin, cell, offset range). Terms are grouped by range, in
+  chunks of one common size (zero-padded) so that one batched matmul serves
+  every pair of chunks.
+  """
+  gather: np.ndarray    # [G, n, cells] one-hot: the input cell of each term of chunk g
+  scatter: np.ndarray   # [G, n, bins]: 1 / bin size at the term's bin
+  chunk_range: np.ndarray  # [G] int: the offset range of chunk g
+  ranges: np.ndarray    # [R, kernel]: 1 on the offsets of range r
+  bias: np.ndarray      # [bins]: fraction of the bin's pixels inside the deconvolution
+
+
+def _axis_plan(cells: int, kernel: int, stride: int, padding: int, canvas: int,
+               bins: int, max_chunks: int = 10) -> _AxisPlan:
+  out_len = (cells - 1) * stride + kernel - 2 * padding
+  before = (canvas - out_len) // 2                  # crop_or_pad(centred=True)
+  bin_bounds = _adaptive_bins(canvas, bins)
+  terms: dict[tuple[int, int], list[tuple[int, int]]] = {}
+  bias = np.zeros(bins, np.float64)
+  for i, (lo, hi) in enumerate(bin_bounds):
+    runs: dict[int, list[int]] = {}
+    for y in range(lo, hi):
+      v = y - before
+      if not 0 <= v < out_len:
+        continue                                    # zero padding around the deconvolution
+      bias[i] += 1.0 / (hi - lo)
+      cell, offset = divmod(v + padding, stride)
+      if offset < kernel and cell < cells:
+        runs.setdefault(cell, []).append(offset)
+    for cell, offsets in runs.items():
+      terms.setdefault((min(offsets), max(offsets) + 1), []).append((i, cell))
+  keys = sorted(terms)
+  counts = [len(terms[key]) for key in keys]
+  # The chunk size with the fewest padded terms, in at most `max_chunks` chunks.
+  sizes = [n for n in range(1, max(counts) + 1) if sum(-(-c // n) for c in counts) <= max_chunks]
+  size = min(sizes or [max(counts)], key=lambda n: (sum(-(-c // n) for c in counts) * n, -n))
+  chunks = [(r, terms[key][start:start + size]) for r, key in enumerate(keys)
+            for start in range(0, len(terms[key]), size)]
+  gather = np.zeros((len(chunks), size, cells), np.float32)
+  scatter = np.zeros((len(chunks), size, bins), np.float32)
+  for g, (_, members) in enumerate(chunks):
+    for q, (i, cell) in enumerate(members):
+      gather[g, q, cell] = 1.0
+      scatter[g, q, i] = 1.0 / (bin_bounds[i][1] - bin_bounds[i][0])
+  ranges = np.zeros((len(keys), kernel), np.float32)
+  for r, (lo, hi) in enumerate(keys):
+    ranges[r, lo:hi] = 1.0
+  return _AxisPlan(gather, scatter, np.array([r for r, _ in chunks], np.int32), ranges,
+                   bias.astype(np.float32))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_axis_plan(*args) -> _AxisPlan:
+  return _axis_plan(*args)
+
+
+def deconv_avg_pool(x: Array, kernel: Array, bias: Array | None, stride: int, padding: int,
+                    canvas: Sequence[int], grid: Sequence[int]) -> Array:
+  """`adaptive_avg_pool(crop_or_pad(conv_transpose(x), canvas, centred), grid)`, never at canvas size.
+
+  A transposed convolution with kernel <= stride (PyTorch arithmetic, HWIO
+  kernel), centred onto the `canvas` and average-pooled into `grid` adaptive
+  bins is linear in `x`: each bin is a weighted sum over the few input cells
+  it covers of `x[cell] @ sum(kernel over the offsets it sees)`. This computes
+  exactly that sum: per axis, the (bin, cell, offset range) terms grouped by
+  range, the kernel summed over each pair of ranges, one batched matmul (for
+  DF-SSD300 about as many multiplies as 4-6 1x1 convolutions on the grid,
+  whatever the kernel size), where the direct form writes and pools a
+  `canvas`-sized map.
+  """
+  k = kernel.shape[0]
+  if k > stride:
+    raise ValueError(f'deconv_avg_pool needs kernel <= stride, got {k} > {stride}')
+  _, h, w, _ = x.shape
+  rows = _cached_axis_plan(h, k, stride, padding, int(canvas[0]), int(grid[0]))
+  cols = _cached_axis_plan(w, k, stride, padding, int(canvas[1]), int(grid[1]))
+  dtype = x.dtype
+  c = lambda a: jnp.asarray(a, dtype)
+  # The kernel summed over every (row range, column range) pair, then per pair of chunks.
+  boxes = jnp.einsum('ro,tq,oqcd->rtcd', c(rows.ranges), c(cols.ranges), kernel.astype(dtype))
+  boxes = boxes[rows.chunk_range][:, cols.chunk_range]
+  gathered = jnp.einsum('rpy,byxc,tqx->brptqc', c(rows.gather), x, c(cols.gather))
+  terms = jnp.einsum('brptqc,rtcd->brptqd', gathered, boxes)
+  y = jnp.einsum('rpi,brptqd,tqj->bijd', c(rows.scatter), terms, c(cols.scatter))
+  if bias is not None:
+    y = y + c(np.outer(rows.bias, cols.bias))[None, :, :, None] * bias.astype(dtype)
+  return y
+
+
+class ConvTransposeAvgPool(nn.Module):
+  """`ConvTranspose2d`, centred onto `canvas`, average-pooled into `grid` bins; one layer.
+
+  The same `kernel` / `bias` parameters as `ConvTranspose2d` (checkpoints
+  and weight files load either way), computed without the canvas-sized map
+  (`deconv_avg_pool`); needs kernel <= stride, as DF-SSD's layers have.
+  """
+  features: int
+  kernel: int
+  stride: int
+  padding: int
+  canvas: Sequence[int]
+  grid: Sequence[int]
+  kernel_init: Any = xavier_uniform
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    return deconv_avg_pool(x.astype(self.dtype), kernel, bias, self.stride, self.padding,
+                           self.canvas, self.grid)
+
+
 class ConvBNReLU(nn.Module):
   """Conv, then BatchNorm (when `batch_norm`), then ReLU (when `relu`).
 
@@ -415,6 +536,7 @@ class ConvBNReLU(nn.Module):
   relu: bool = True
   kernel_init: Callable = xavier_uniform
   axis_name: str | None = None
+  bn_scale_init: float = 1.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -424,7 +546,8 @@ class ConvBNReLU(nn.Module):
                kernel_init=self.kernel_init, dtype=self.dtype, name='conv')(x)
     if self.batch_norm:
       x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                    axis_name=self.axis_name, dtype=self.dtype, name='bn')(x)
+                    axis_name=self.axis_name, scale_init=self.bn_scale_init, dtype=self.dtype,
+                    name='bn')(x)
     return nn.relu(x) if self.relu else x
 
 
@@ -443,8 +566,11 @@ class L2Norm(nn.Module):
     scale = self.param('scale', nn.initializers.constant(self.init_scale), (x.shape[-1],),
                        jnp.float32)
     x32 = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
-    return (x32 / jnp.maximum(norm, 1e-12) * scale).astype(self.dtype)
+    # max(||x||, 1e-12) as torchvision, with the floor under the square root:
+    # the same values, and a finite gradient where x is all zero (a ReLU map
+    # that is off everywhere at some position, e.g. DF-SSD's 1x1 conv11_2).
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x32), axis=-1, keepdims=True), 1e-24))
+    return (x32 / norm * scale).astype(self.dtype)
 
 
 def count_params(tree: Any) -> int:
