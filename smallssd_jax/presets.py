@@ -122,7 +122,9 @@ def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
   else:
     sources = ['fused', 'fc7', 'conv8_2', 'conv9_2', 'conv10_2']
     deepest = 'conv11_2'
-    deconv = dict(stride=8, kernel=4, padding=1)
+    # The paper's kernel is 4 (padding 1): it leaves 3/4 of deconv4_3 at its
+    # bias. Kernel = stride covers every pixel (models/dfssd.py).
+    deconv = dict(stride=8, kernel=8, padding=0)
   model = ssd_model(input_size, num_classes).model
   model.update(dict(
       name='dfssd',
@@ -141,6 +143,9 @@ def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
           fusion_sources=['nconv4_3', 'fc7', 'conv8_2', 'conv9_2', 'conv10_2'],
           fusion='fixed',             # 'fixed' | 'learned'
           fuse_levels='first',        # 'first' | 'all'
+          source_norm='l2',           # 'l2' (each half of nconv4_3 normalised) | 'none' (paper)
+          source_norm_scale=10.0,
+          context_init=0.25,          # context sources' initial scale; 1.0: the paper's
       )),
   ))
   anchors = ConfigDict(dict(

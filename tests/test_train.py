@@ -46,9 +46,12 @@ def compilation_cache_dir(tmp_path_factory):
 def tiny_config():
   """runlocal, smaller still; what reaches the compiled functions is the same for every test."""
   cfg = load_config(CONFIG)
-  # The model these tests were calibrated on: DF-SSD, plain VGG16, Xavier heads.
+  # The model these tests were calibrated on: DF-SSD read literally (kernel-4
+  # deconvolution, one projection over the concatenation, equal scales),
+  # plain VGG16, Xavier heads.
   cfg.model.backbone_batch_norm = False
   cfg.model.head_init = 'xavier'
+  cfg.model.dfssd.update(deconv_kernel=4, deconv_padding=1, source_norm='none', context_init=1.0)
   cfg.num_train_steps = STEPS
   cfg.log_every_steps = 1
   cfg.checkpoint_every_steps = 2

@@ -100,6 +100,9 @@ def _dfssd_neck(cfg: ConfigDict, common: Common) -> nn.Module:
       fusion_sources=tuple(d.fusion_sources),
       fusion=d.fusion,
       fuse_levels=d.fuse_levels,
+      source_norm=d.source_norm,
+      source_norm_scale=d.source_norm_scale,
+      context_init=d.context_init,
       batch_norm=cfg.get('batch_norm', True),
       axis_name=common.axis_name,
       dtype=common.dtype)

@@ -1,27 +1,47 @@
-"""DF-SSD neck: deconvolution region enlargement and weighted feature fusion (SPEC section 4).
+"""DF-SSD neck: deconvolution region enlargement and weighted feature fusion (docs/design.md).
 
 Paper's section 2.1 (`nconv4_3`):
 
 1. conv4_3 (after its L2Norm) -> transposed convolution to the input
-   resolution: `deconv4_3`. PyTorch's transposed-conv arithmetic
-   `o = s(i - 1) + k - 2p` gives 298 at 300 (s 8, k 4, p 1) and 512 at 512
-   (s 8, k 8, p 0); the result is zero-padded / cropped, centred, to exactly
-   the input size so that its pixels line up with the image's (formula (3)).
-   No activation follows: the paper names none, and everything up to the
-   fusion's BatchNorm is linear anyway;
-2. `deconv4_3` is pooled back onto the conv4_3 grid with adaptive pooling (bins
-   of 7 and 8 pixels for 300 -> 38, exactly 8 for 512 -> 64);
+   resolution: `deconv4_3`, zero-padded / cropped, centred, to exactly the
+   input size so that its pixels line up with the image's (formula (3));
+   no activation follows (the paper names none);
+2. `deconv4_3` is average-pooled back onto the conv4_3 grid with adaptive
+   bins (7-8 pixels for 300 -> 38, exactly 8 for 512 -> 64). Steps 1-2 are
+   linear, so they are computed together on the grid
+   (`layers.ConvTransposeAvgPool`), never at the input resolution;
 3. the deepest extra layer (conv11_2 at 300, conv12_2 at 512) is upsampled
    bilinearly onto the same grid;
 4. both are concatenated: `nconv4_3`.
 
-Section 2.2, formula (4), our reading: every fusion source is projected by a
-1x1 conv + BN to `fusion_channels`, upsampled to the nconv4_3 grid and summed
-with weights `1 + a_k` (fixed, the paper's) or BiFPN's normalised non-negative
+Section 2.2, formula (4): every fusion source is projected by a 1x1 conv +
+BN to `fusion_channels`, upsampled to the nconv4_3 grid and summed with
+weights `1 + a_k` (fixed, the paper's) or BiFPN's normalised non-negative
 learned weights; ReLU; a 3x3 conv. The fused map replaces conv4_3 as the
 first prediction source (`'fused'` in `sources`). With `fuse_levels='all'`
-every prediction level gets its own fused map at its own resolution (the
-shared projections resized to it, its own weights and 3x3 conv).
+every prediction level gets its own fused map at its own resolution.
+
+Where the default departs from the paper's literal numbers, and why
+(measured in docs/results.md): read literally (kernel 4 at stride 8, one
+shared projection over the concatenation, every source at the same scale)
+the stride-8 information is 1.6% of the first level's variance: three
+quarters of `deconv4_3` is bias (kernel < stride leaves gaps), the pooled
+map's rms is 0.04 against the broadcast conv11_2's 0.7, and the coarse maps
+outweigh it through the sum. So by default
+
+* `deconv_kernel` equals the stride (8): every output pixel sees its cell;
+* `source_norm='l2'`: each half of `nconv4_3` is L2-normalised with its own
+  learned scale before the shared projection (ParseNet's remedy for
+  concatenating maps of different scales), so each enters at a set scale;
+* `context_init=0.25`: the context (the upsampled conv11_2 half, and the
+  fc7 ... conv10_2 projections) starts at a quarter of the stride-8 source's
+  scale (their L2Norm scale and BN scale), learned from there; with equal
+  scales (1.0, the paper's proportions) the coarse maps hold 85% of the
+  first level at initialisation and the detector learns several times
+  slower at the main job's budget.
+
+`deconv_kernel=4, deconv_padding=1, source_norm='none', context_init=1.0`
+is the paper's literal reading.
 """
 
 from __future__ import annotations
@@ -78,13 +98,19 @@ class DFSSDNeck(nn.Module):
     deconv_channels, deconv_kernel, deconv_stride, deconv_padding: the
       transposed conv (PyTorch ConvTranspose2d semantics).
     pool: 'avg' | 'max', pooling of deconv4_3 onto the conv4_3 grid.
-    deepest: the extra layer upsampled into nconv4_3 ('conv11_2' / 'conv12_2').
+    deepest: the extra layer upsampled into nconv4_3 ('conv11_2' / 'conv12_2'; '': none).
     fusion_channels: common width C of the fusion.
     fusion_weights: the paper's a_k, one per fusion source.
     fusion_sources: names fused, `'nconv4_3'` or backbone maps.
     fusion: 'fixed' | 'learned'.
     fuse_levels: 'first' | 'all'.
     batch_norm: BN after each 1x1 projection.
+    source_norm: 'l2': each half of nconv4_3 L2-normalised with a learned
+      scale (initially `source_norm_scale`, times `context_init` for the deep
+      half) before the projection; 'none': concatenated as they are.
+    context_init: initial scale of the context sources (the deep half of
+      nconv4_3 and every fusion source but nconv4_3: their BN scale) relative
+      to the stride-8 source.
     axis_name: mesh axis the BN batch statistics are averaged over.
     dtype: compute dtype.
   """
@@ -102,6 +128,9 @@ class DFSSDNeck(nn.Module):
   fusion: str = 'fixed'
   fuse_levels: str = 'first'
   batch_norm: bool = True
+  source_norm: str = 'l2'
+  source_norm_scale: float = 10.0
+  context_init: float = 0.25
   axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
 
@@ -115,18 +144,39 @@ class DFSSDNeck(nn.Module):
     conv4_3 = features['conv4_3']
     grid = conv4_3.shape[1:3]
 
-    deconv4_3 = layers.ConvTranspose2d(
-        self.deconv_channels, self.deconv_kernel, self.deconv_stride, self.deconv_padding,
-        dtype=self.dtype, name='deconv4_3')(conv4_3)
-    deconv4_3 = layers.crop_or_pad(deconv4_3, (self.input_size, self.input_size), centred=True)
-    pooled = layers.adaptive_pool2d(deconv4_3, grid, self.pool)
-    deepest = layers.resize_bilinear(features[self.deepest], grid)
-    nconv4_3 = jnp.concatenate([pooled, deepest.astype(pooled.dtype)], axis=-1)
+    canvas = (self.input_size, self.input_size)
+    if self.pool == 'avg' and self.deconv_kernel <= self.deconv_stride:
+      # Linear end to end: computed on the grid, never at the input resolution.
+      pooled = layers.ConvTransposeAvgPool(
+          self.deconv_channels, self.deconv_kernel, self.deconv_stride, self.deconv_padding,
+          canvas, grid, dtype=self.dtype, name='deconv4_3')(conv4_3)
+    else:
+      deconv4_3 = layers.ConvTranspose2d(
+          self.deconv_channels, self.deconv_kernel, self.deconv_stride, self.deconv_padding,
+          dtype=self.dtype, name='deconv4_3')(conv4_3)
+      deconv4_3 = layers.crop_or_pad(deconv4_3, canvas, centred=True)
+      pooled = layers.adaptive_pool2d(deconv4_3, grid, self.pool)
+    if self.source_norm not in ('l2', 'none'):
+      raise ValueError(f"dfssd.source_norm must be 'l2' or 'none', got {self.source_norm!r}")
+    if self.context_init != 1.0 and not self.batch_norm:
+      raise ValueError('dfssd.context_init scales the fusion projections\' BatchNorm: it needs '
+                       'model.batch_norm=True (or context_init=1.0)')
+    if self.source_norm == 'l2':
+      pooled = layers.L2Norm(self.source_norm_scale, dtype=self.dtype,
+                             name='l2norm_pooled4_3')(pooled)
+    nconv4_3 = pooled
+    if self.deepest:
+      deepest = layers.resize_bilinear(features[self.deepest], grid)
+      if self.source_norm == 'l2':
+        deepest = layers.L2Norm(self.source_norm_scale * self.context_init, dtype=self.dtype,
+                                name=f'l2norm_{self.deepest}')(deepest)
+      nconv4_3 = jnp.concatenate([pooled, deepest.astype(pooled.dtype)], axis=-1)
 
     named = dict(features, nconv4_3=nconv4_3)
     projected = [
         layers.ConvBNReLU(self.fusion_channels, 1, batch_norm=self.batch_norm, relu=False,
                           axis_name=self.axis_name, dtype=self.dtype,
+                          bn_scale_init=1.0 if name == 'nconv4_3' else self.context_init,
                           name=f'project_{name}')(named[name], train)
         for name in self.fusion_sources
     ]
