@@ -1,21 +1,26 @@
-"""Trains and evaluates several detectors (or config switches) under one budget.
+"""The detectors (and the switches that isolate each neck) under one budget, resumable.
 
-The same width, input size, steps, data and seeds for every model, on the
-built-in small-object dataset by default; then a table of AP / APs / APm / APl
-(mean and spread over seeds), the per-class table, a figure of AP by object
-size, and one test image with each model's detections, written to
-`docs/results.md` (or --out).
+Every run trains and evaluates one (dataset, model, variant, seed) with the
+built-in recipe (`configs/default.py` / `configs/tiny.py`: same width, steps,
+batch and schedule for every model), in its own workdir. A finished run
+writes a small record, its results and nothing else, to
+`--records/<dataset>/<run>.json` (tracked in git under `docs/ablation/`):
+run the same command again and recorded runs are skipped, an interrupted
+run resumes from its last checkpoint (`--checkpoint-every`), and the report
+is rewritten from whatever records exist. So a sweep of hours can be done
+over several sittings.
 
-  python launch/ablation.py --models=ssd,dfssd,skipfpn --seeds=0,1,2 --steps=200 \
-      --width=0.125 --workdir=runs/ablation
+  python launch/ablation.py --datasets=small,tiny --models=ssd,dfssd,skipfpn \\
+      --seeds=0,1,2 --steps=1000
+  python launch/ablation.py --datasets=tiny --models=dfssd,skipfpn \\
+      --variants=dfssd:fusion_off,dfssd:fuse_all,skipfpn:no_grf,skipfpn:no_skip
+  python launch/ablation.py ... --report-only      # rewrite docs/results.md only
 
-Sweep any config switch instead of (or as well as) the model:
-
-  python launch/ablation.py --models=dfssd --sweep=model.dfssd.fusion=fixed,learned
-  python launch/ablation.py --models=skipfpn --sweep=loss.negative_anchor_filter=True,False
-
-Each run is `python -m smallssd_jax.main --config=configs/default.py:...`
-in its own workdir, so a finished run is skipped when the script is run again.
+The report (between markers in `--out`, by default docs/results.md): per
+dataset, mAP / APs / APm as mean ± standard deviation over seeds, and each
+model's per-seed paired difference to SSD300 (same seed, same data order)
+with a 95% t interval; a difference whose interval excludes zero is marked
+as beyond the seed-to-seed noise.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
@@ -34,49 +40,150 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+DATASETS = {
+    'small': 'configs/default.py',   # the main job's data: 6-64 px objects
+    'tiny': 'configs/tiny.py',       # 4-24 px objects, crowded, distractors
+}
+
+# Switches that isolate a neck's parts: (model, name) -> config overrides.
+VARIANTS = {
+    ('dfssd', 'fusion_off'): {'model.dfssd.fusion_sources': "['nconv4_3']",
+                              'model.dfssd.fusion_weights': '[0.3]'},
+    ('dfssd', 'fuse_all'): {'model.dfssd.fuse_levels': 'all'},
+    ('dfssd', 'paper_literal'): {'model.dfssd.reading': 'paper'},
+    ('skipfpn', 'no_grf'): {'model.skipfpn.grf_levels': '[]'},
+    ('skipfpn', 'no_skip'): {'model.skipfpn.skip_depth': '0'},
+}
+
+# Two-sided 95% quantiles of Student's t, by degrees of freedom.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+METRICS = ('mAP', 'APs', 'APm')
+
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--datasets', default='small,tiny', help=f'of {sorted(DATASETS)}')
   p.add_argument('--models', default='ssd,dfssd,skipfpn')
+  p.add_argument('--variants', default='',
+                 help='MODEL:NAME,...: also run these switches, of ' +
+                 ', '.join(f'{m}:{n}' for m, n in VARIANTS))
   p.add_argument('--seeds', default='0,1,2')
-  p.add_argument('--steps', type=int, default=200)
+  p.add_argument('--steps', type=int, default=1000)
   p.add_argument('--width', type=float, default=0.125)
-  p.add_argument('--config', default='configs/default.py')
-  p.add_argument('--sweep', action='append', default=[],
-                 help='KEY=V1,V2,...: also vary this config entry (repeatable)')
+  p.add_argument('--checkpoint-every', type=int, default=250,
+                 help='checkpoint interval: what an interrupted run loses at most')
   p.add_argument('--set', action='append', default=[], help='KEY=VALUE for every run')
-  p.add_argument('--workdir', default='runs/ablation')
+  p.add_argument('--workdir', default='runs/ablation', help='checkpoints (not kept)')
+  p.add_argument('--records', default='docs/ablation', help='one small JSON per finished run')
   p.add_argument('--out', default='docs/results.md')
   p.add_argument('--dry-run', action='store_true', help='print the commands only')
   p.add_argument('--report-only', action='store_true',
-                 help='write the report from the runs that have finished; train nothing')
+                 help='rewrite the report from the records; train nothing')
   return p.parse_args(argv)
 
 
-def variants(args) -> list[tuple[str, list[str]]]:
-  """(name, extra --config flags) for every combination of the sweeps."""
-  out = [('', [])]
-  for sweep in args.sweep:
-    key, _, values = sweep.partition('=')
-    out = [(f'{name}{"," if name else ""}{key.split(".")[-1]}={v}', flags + [f'--config.{key}={v}'])
-           for name, flags in out for v in values.split(',')]
-  return out
+# ------------------------------------------------------------------ runs ---
 
 
-def command(args, model: str, seed: int, flags: list[str], workdir: str) -> list[str]:
-  arg = f'model={model},seed={seed},steps={args.steps},width={args.width}'
-  return ([sys.executable, '-m', 'smallssd_jax.main', f'--config={args.config}:{arg}',
-           f'--workdir={workdir}'] + [f'--config.{s}' for s in args.set] + flags)
+def plan(args) -> list[dict]:
+  """Every run, seed-major: an unfinished sweep has every model at the first seeds."""
+  models = [m for m in args.models.split(',') if m]
+  chosen = [v for v in args.variants.split(',') if v]
+  for spec in chosen:
+    model, _, name = spec.partition(':')
+    if (model, name) not in VARIANTS:
+      raise SystemExit(f'unknown variant {spec!r}; known: '
+                       + ', '.join(f'{m}:{n}' for m, n in VARIANTS))
+  runs = []
+  for dataset in [d for d in args.datasets.split(',') if d]:
+    if dataset not in DATASETS:
+      raise SystemExit(f'unknown dataset {dataset!r}; known: {sorted(DATASETS)}')
+    for seed in [int(s) for s in args.seeds.split(',')]:
+      for model in models + sorted({m for m, _ in (v.split(':') for v in chosen)} - set(models)):
+        names = ([''] if model in models else []) + [
+            v.partition(':')[2] for v in chosen if v.partition(':')[0] == model]
+        for variant in names:
+          overrides = dict(VARIANTS.get((model, variant), {}))
+          label = model + (f'[{variant}]' if variant else '')
+          tag = f'{model}{"-" + variant if variant else ""}_seed{seed}'
+          runs.append(dict(dataset=dataset, model=model, variant=variant, label=label,
+                           seed=seed, tag=tag, overrides=overrides))
+  return runs
 
 
-def final_results(workdir: str) -> dict | None:
-  evals = sorted(pathlib.Path(workdir, 'eval').glob('step_*/results.json'),
-                 key=lambda p: int(p.parent.name.split('_')[1]))
-  return json.loads(evals[-1].read_text()) if evals else None
+def command(args, run: dict, workdir: str) -> list[str]:
+  arg = f'model={run["model"]},seed={run["seed"]},steps={args.steps},width={args.width}'
+  flags = [f'--config.{k}={v}' for k, v in run['overrides'].items()]
+  flags += [f'--config.{s}' for s in args.set]
+  return ([sys.executable, '-m', 'smallssd_jax.main',
+           f'--config={DATASETS[run["dataset"]]}:{arg}', f'--workdir={workdir}',
+           f'--config.checkpoint_every_steps={args.checkpoint_every}',
+           '--config.detect.max_images=1'] + flags)
 
 
-def mean_spread(values: list[float]) -> str:
-  values = [v for v in values if v is not None]
+def record_path(args, run: dict) -> pathlib.Path:
+  return pathlib.Path(args.records, run['dataset'], run['tag'] + '.json')
+
+
+def read_record(args, run: dict) -> dict | None:
+  path = record_path(args, run)
+  if not path.exists():
+    return None
+  rec = json.loads(path.read_text())
+  if rec['steps'] != args.steps or rec['width'] != args.width:
+    return None           # another budget: not this sweep's run
+  return rec
+
+
+def final_results(workdir: str, steps: int) -> dict | None:
+  """The training run's own evaluation at `steps`, if it got there."""
+  path = pathlib.Path(workdir, 'eval', f'step_{steps}', 'results.json')
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def images_per_second(workdir: str) -> float | None:
+  rows = [json.loads(l) for l in pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
+  rates = [r['images_per_sec'] for r in rows if 'images_per_sec' in r][1:]  # first: compile
+  return statistics.median(rates) if rates else None
+
+
+def git_commit() -> str:
+  try:
+    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, check=True,
+                          capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def train(args, run: dict) -> dict:
+  workdir = os.path.join(args.workdir, run['dataset'], run['tag'])
+  cmd = command(args, run, workdir)
+  print('+ ' + ' '.join(shlex.quote(c) for c in cmd), flush=True)
+  t0 = time.perf_counter()
+  subprocess.run(cmd, check=True, cwd=REPO)
+  seconds = time.perf_counter() - t0
+  result = final_results(workdir, args.steps)
+  if result is None:
+    raise RuntimeError(f'{workdir}: the run ended without evaluating step {args.steps} '
+                       '(stopped early?); run the sweep again to resume it')
+  keep = {k: v for k, v in result['results'].items() if not k.startswith('APs/')
+          and not k.startswith('APm/') and not k.startswith('APl/')}
+  rec = dict(run, steps=args.steps, width=args.width, results=keep, seconds=seconds,
+             images_per_sec=images_per_second(workdir), commit=git_commit(),
+             date=datetime.date.today().isoformat(), command=' '.join(shlex.quote(c) for c in cmd))
+  path = record_path(args, run)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(rec, indent=1, sort_keys=True) + '\n')
+  return rec
+
+
+# ---------------------------------------------------------------- report ---
+
+
+def mean_sd(values: list[float]) -> str:
   if not values:
     return '-'
   if len(values) == 1:
@@ -84,136 +191,111 @@ def mean_spread(values: list[float]) -> str:
   return f'{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}'
 
 
-def write_report(args, runs: dict, first_workdirs: dict, seconds: dict) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+def paired_interval(diffs: list[float]) -> tuple[float, float] | None:
+  """Mean and 95% half-width (Student's t) of per-seed differences; None for < 2 seeds."""
+  if len(diffs) < 2:
+    return None
+  df = len(diffs) - 1
+  t = _T95[max(k for k in _T95 if k <= df)]
+  return statistics.mean(diffs), t * statistics.stdev(diffs) / math.sqrt(len(diffs))
 
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig_path = out.with_name(out.stem + '_ap_by_size.png')
-  names = list(runs)
-  keys = ['mAP', 'APs', 'APm', 'APl']
+
+def _value(rec: dict, key: str) -> float | None:
+  v = rec['results'].get(key)
+  return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def report_dataset(dataset: str, records: list[dict]) -> list[str]:
+  labels = list(dict.fromkeys(r['label'] for r in records))
+  by = {(r['label'], r['seed']): r for r in records}
+  seeds = sorted({r['seed'] for r in records})
+  lines = [f'### {dataset} (`{DATASETS[dataset]}`)', '',
+           '| model | seeds | ' + ' | '.join(METRICS) + ' | train images/s | minutes per run |',
+           '|---|---|' + '---|' * (len(METRICS) + 2)]
+  for label in labels:
+    rs = [by[(label, s)] for s in seeds if (label, s) in by]
+    cells = [mean_sd([v for v in (_value(r, k) for r in rs) if v is not None]) for k in METRICS]
+    rate = statistics.median([r['images_per_sec'] for r in rs if r.get('images_per_sec')] or [0])
+    minutes = statistics.mean(r['seconds'] for r in rs) / 60
+    lines.append(f'| {label} | {",".join(str(r["seed"]) for r in rs)} | ' + ' | '.join(cells)
+                 + f' | {rate:.1f} | {minutes:.1f} |')
+  if 'ssd' in labels:
+    lines += ['', 'Paired difference to SSD300 (same seed), mean with its 95% interval, in '
+              'points; **bold**: the interval excludes 0 (beyond the seed-to-seed noise):', '',
+              '| model | ' + ' | '.join(f'Δ{k}' for k in METRICS) + ' |',
+              '|---|' + '---|' * len(METRICS)]
+    for label in labels:
+      if label == 'ssd':
+        continue
+      cells = []
+      for key in METRICS:
+        diffs = [_value(by[(label, s)], key) - _value(by[('ssd', s)], key) for s in seeds
+                 if (label, s) in by and ('ssd', s) in by
+                 and _value(by[(label, s)], key) is not None and _value(by[('ssd', s)], key) is not None]
+        interval = paired_interval(diffs)
+        if interval is None:
+          cells.append(f'{100 * diffs[0]:+.1f} (1 seed)' if diffs else '-')
+          continue
+        mean, half = interval
+        text = f'{100 * mean:+.1f} ± {100 * half:.1f}'
+        cells.append(f'**{text}**' if abs(mean) > half else text)
+      lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  return lines + ['']
+
+
+def write_report(args, records: list[dict]) -> None:
+  datasets = [d for d in DATASETS if any(r['dataset'] == d for r in records)]
+  steps = sorted({r['steps'] for r in records})
   lines = [
-      '## Ablation on the built-in small-object dataset', '',
-      f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, '
-      f'{platform.python_version()}; {datetime.date.today().isoformat()}.',
-      f'Every model: width {args.width}, {args.steps} steps, seeds {args.seeds}, '
-      f'config `{args.config}`; VOC07 11-point AP at IoU 0.5, AP by COCO size bucket '
-      '(small < 32², medium < 96² pixels). Mean ± standard deviation over seeds, in points.', '',
-      'Command:', '', '```', 'python ' + ' '.join(shlex.quote(a) for a in sys.argv), '```', '',
-      '| model | ' + ' | '.join(keys) + ' | minutes per run (train + eval) |',
-      '|---|' + '---|' * (len(keys) + 1),
-  ]
-  for name in names:
-    rs = runs[name]
-    cells = [mean_spread([r['results'].get(k) for r in rs]) for k in keys]
-    minutes = f'{statistics.mean(seconds[name]) / 60:.1f}' if seconds[name] else '-'
-    lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {minutes} |')
-  # Per-class AP (mean over seeds).
-  class_keys = sorted({k for rs in runs.values() for r in rs for k in r['results']
-                       if k.startswith('AP/') and not k[3:].isdigit()})
-  if class_keys:
-    lines += ['', 'Per-class AP (mean over seeds):', '',
-              '| model | ' + ' | '.join(k[3:] for k in class_keys) + ' |',
-              '|---|' + '---|' * len(class_keys)]
-    for name in names:
-      cells = [mean_spread([r['results'].get(k) for r in runs[name]]) for k in class_keys]
-      lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-  lines += ['', f'![AP by object size]({fig_path.name})', '']
-
-  # Figure: AP by size bucket, mean with the seed spread as error bars.
-  fig, ax = plt.subplots(figsize=(7, 4))
-  width = 0.8 / max(1, len(names))
-  for i, name in enumerate(names):
-    vals = [[r['results'].get(k) or 0.0 for r in runs[name]] for k in keys]
-    ax.bar(np.arange(len(keys)) + i * width, [100 * np.mean(v) for v in vals], width,
-           yerr=[100 * np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals], label=name, capsize=3)
-  ax.set_xticks(np.arange(len(keys)) + width * (len(names) - 1) / 2, ['AP (all)', 'APs', 'APm', 'APl'])
-  ax.set_ylabel('AP (points)')
-  ax.set_title('AP by object size, built-in small-object dataset')
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(fig_path, dpi=120)
-  plt.close(fig)
-
-  # One test image, each model's detections (first seed), side by side.
-  pictures = []
-  for name in names:
-    picture = pathlib.Path(first_workdirs[name], 'detect', 'builtin_small_test_0.png')
-    if picture.exists():
-      pictures.append((name, picture))
-  if pictures:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    images = [Image.open(p).convert('RGB') for _, p in pictures]
-    h = max(im.height for im in images)
-    canvas = Image.new('RGB', (sum(im.width for im in images) + 10 * (len(images) - 1), h + 20), 'white')
-    x = 0
-    from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
-    draw = ImageDraw.Draw(canvas)
-    for (name, _), im in zip(pictures, images):
-      canvas.paste(im, (x, 20))
-      draw.text((x + 4, 4), name, fill='black')
-      x += im.width + 10
-    side = out.with_name(out.stem + '_detections.png')
-    canvas.save(side)
-    lines += [f'The same test image, each model\'s detections (seed {args.seeds.split(",")[0]}, '
-              'score >= detect.score_threshold):', '', f'![detections]({side.name})', '']
-
-  marker_begin, marker_end = '<!-- ablation:begin -->', '<!-- ablation:end -->'
-  block = marker_begin + '\n' + '\n'.join(lines) + '\n' + marker_end
+      '## Ablation on the built-in data', '',
+      f'Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python '
+      f'{platform.python_version()}. Every run: width {args.width}, {", ".join(map(str, steps))} '
+      'steps of batch 8 from scratch, the recipe of `configs/default.py`; VOC07 11-point AP at '
+      'IoU 0.5 over the test split; APs / APm: AP of objects under 32² / 32²-96² pixels. Mean ± '
+      'standard deviation over seeds, in points. Records (one JSON per run, with its command '
+      f'and commit): `{args.records}/`. Regenerate with `python launch/ablation.py '
+      '--report-only` and the same arguments.', '']
+  for dataset in datasets:
+    lines += report_dataset(dataset, [r for r in records if r['dataset'] == dataset])
+  begin, end = '<!-- ablation:begin -->', '<!-- ablation:end -->'
+  block = begin + '\n' + '\n'.join(lines) + end
+  out = pathlib.Path(args.out)
   text = out.read_text() if out.exists() else ''
-  if marker_begin in text and marker_end in text:
-    text = text[:text.index(marker_begin)] + block + text[text.index(marker_end) + len(marker_end):]
+  if begin in text and end in text:
+    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
   else:
     text = text + ('\n' if text else '') + block + '\n'
   out.write_text(text)
-  print(f'wrote {out} and {fig_path}')
+  print(f'wrote {out}')
 
 
-def run_seconds(workdir: str) -> float | None:
-  path = pathlib.Path(workdir, 'ablation_seconds.json')
-  return json.loads(path.read_text())['seconds'] if path.exists() else None
+def load_records(args) -> list[dict]:
+  """Every record of this budget (steps, width), whichever sweep command wrote it."""
+  out = []
+  for path in sorted(pathlib.Path(args.records).glob('*/*.json')):
+    rec = json.loads(path.read_text())
+    if rec['steps'] == args.steps and rec['width'] == args.width:
+      out.append(rec)
+  order = {label: i for i, label in enumerate(['ssd', 'dfssd', 'skipfpn'])}
+  return sorted(out, key=lambda r: (order.get(r['model'], 9), r['label'], r['seed']))
 
 
 def main(argv=None):
   args = parse_args(argv)
-  seeds = [int(s) for s in args.seeds.split(',')]
-  names = {}
-  for model in args.models.split(','):
-    for vname, flags in variants(args):
-      names[model + (f' [{vname}]' if vname else '')] = (model, vname, flags)
-  runs = {name: [] for name in names}
-  seconds = {name: [] for name in names}
-  first_workdirs = {}
-  # Seed-major order: an interrupted sweep still has every model at the first seeds.
-  for seed in seeds:
-    for name, (model, vname, flags) in names.items():
-      tag = (model + ('_' + vname.replace('=', '-').replace(',', '_') if vname else '')
-             + f'_seed{seed}')
-      workdir = os.path.join(args.workdir, tag)
-      first_workdirs.setdefault(name, workdir)
-      cmd = command(args, model, seed, flags, workdir)
-      if args.dry_run:
-        print(' '.join(shlex.quote(c) for c in cmd))
-        continue
-      result = final_results(workdir)
-      if not args.report_only and (result is None or result['step'] < args.steps):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=REPO)
-        pathlib.Path(workdir, 'ablation_seconds.json').write_text(
-            json.dumps({'seconds': time.perf_counter() - t0}))
-        result = final_results(workdir)
-        if result is None:
-          raise RuntimeError(f'{workdir}: the run finished without evaluation results')
-      if result is not None and result['step'] >= args.steps:
-        runs[name].append(result)
-        if run_seconds(workdir) is not None:
-          seconds[name].append(run_seconds(workdir))
-  runs = {k: v for k, v in runs.items() if v}
-  if not args.dry_run and runs:
-    write_report(args, runs, first_workdirs, seconds)
+  runs = plan(args)
+  for run in runs:
+    rec = read_record(args, run)
+    if args.dry_run:
+      state = 'recorded' if rec else 'to run'
+      workdir = os.path.join(args.workdir, run['dataset'], run['tag'])
+      print(f'[{state}] ' + ' '.join(shlex.quote(c) for c in command(args, run, workdir)))
+    elif rec is None and not args.report_only:
+      train(args, run)
+      write_report(args, load_records(args))
+  if not args.dry_run:
+    records = load_records(args)
+    if records:
+      write_report(args, records)
 
 
 if __name__ == '__main__':
