@@ -50,7 +50,9 @@ VARIANTS = {
     ('dfssd', 'fusion_off'): {'model.dfssd.fusion_sources': "['nconv4_3']",
                               'model.dfssd.fusion_weights': '[0.3]'},
     ('dfssd', 'fuse_all'): {'model.dfssd.fuse_levels': 'all'},
-    ('dfssd', 'paper_literal'): {'model.dfssd.reading': 'paper'},
+    ('dfssd', 'paper_literal'): {'model.dfssd.deconv_kernel': '4', 'model.dfssd.deconv_padding': '1',
+                                 'model.dfssd.source_norm': 'none', 'model.dfssd.context_init': '1.0'},
+    ('dfssd', 'equal_context'): {'model.dfssd.context_init': '1.0'},
     ('skipfpn', 'no_grf'): {'model.skipfpn.grf_levels': '[]'},
     ('skipfpn', 'no_skip'): {'model.skipfpn.skip_depth': '0'},
 }
