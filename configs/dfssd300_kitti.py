@@ -1,4 +1,4 @@
-"""DF-SSD300 on KITTI 2D object, 3 grouped classes (SPEC section 4).
+"""DF-SSD300 on KITTI 2D object, 3 grouped classes (docs/design.md §4).
 
 pedestrian = Pedestrian + Person_sitting, vehicle = Car + Van + Truck + Tram,
 other = Cyclist + Misc; DontCare ignored. Metric: VOC-style AP@0.5 ('kitti').

@@ -1,4 +1,4 @@
-"""DF-SSD300 on VOC07+12, tested on VOC07 test (SPEC section 4, seed 000).
+"""DF-SSD300 on VOC07+12, tested on VOC07 test (docs/design.md §4).
 
 Paper: 80.9 mAP (the text also says 81.4); small-object classes 68.0.
 Training recipe as SSD300 (the paper does not give its own).

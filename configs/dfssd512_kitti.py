@@ -1,4 +1,4 @@
-"""DF-SSD512 on KITTI 2D object, 3 grouped classes (SPEC section 4).
+"""DF-SSD512 on KITTI 2D object, 3 grouped classes (docs/design.md §4).
 
 Paper: 68.9 mAP vs SSD512 62.1 (VOC-style AP@0.5 over the 3 classes).
 

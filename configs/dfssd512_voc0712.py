@@ -1,4 +1,4 @@
-"""DF-SSD512 on VOC07+12, tested on VOC07 test (SPEC section 4, seed 000).
+"""DF-SSD512 on VOC07+12, tested on VOC07 test (docs/design.md §4).
 
 Paper: 82.6 mAP; small-object classes 71.7.
 

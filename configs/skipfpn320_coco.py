@@ -1,4 +1,4 @@
-"""SkipFPN-GRF320 on COCO 2017 (train2017 -> val2017) (SPEC section 5).
+"""SkipFPN-GRF320 on COCO 2017 (train2017 -> val2017) (docs/design.md §5).
 
 Paper: APs 2.4 points above the best compared model at 320. Native COCO
 folder: --config.data.root=/data/coco (annotations/instances_*.json,

@@ -1,4 +1,4 @@
-"""SkipFPN-GRF320 on VOC07+12, tested on VOC07 test (SPEC section 5, seed 001).
+"""SkipFPN-GRF320 on VOC07+12, tested on VOC07 test (docs/design.md §5).
 
 Paper: 80.1 mAP at 31.2 FPS. Recipe: 140k iterations, lr 1e-3 to 80k, 1e-4 to
 100k, 1e-5 to 120k, 1e-6 to 140k, batch 32.

@@ -1,4 +1,4 @@
-"""SkipFPN-GRF512 on COCO 2017 (train2017 -> val2017) (SPEC section 5).
+"""SkipFPN-GRF512 on COCO 2017 (train2017 -> val2017) (docs/design.md §5).
 
 Train and evaluate (GPU / TPU; set the data location first, see README):
 

@@ -1,4 +1,4 @@
-"""SkipFPN-GRF512 on VOC07+12, tested on VOC07 test (SPEC section 5, seed 001).
+"""SkipFPN-GRF512 on VOC07+12, tested on VOC07 test (docs/design.md §5).
 
 Paper: 81.9 mAP at 18.2 FPS; batch 16 at 512.
 

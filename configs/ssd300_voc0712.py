@@ -1,4 +1,4 @@
-"""SSD300 on VOC07+12 trainval, tested on VOC07 test: the baseline (SPEC section 3).
+"""SSD300 on VOC07+12 trainval, tested on VOC07 test: the baseline (docs/design.md §3).
 
 Paper reference: 77.2 mAP (VOC07 11-point). Recipe: SGD 0.9, wd 5e-4, batch 32,
 lr 1e-3 with steps at 80k and 100k, 120k iterations.

@@ -1,4 +1,4 @@
-"""SSD512 on VOC07+12 trainval, tested on VOC07 test (SPEC section 3).
+"""SSD512 on VOC07+12 trainval, tested on VOC07 test (docs/design.md §3).
 
 Paper reference: 79.8 mAP. Same recipe as SSD300.
 

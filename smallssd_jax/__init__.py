@@ -1,6 +1,6 @@
 """smallssd_jax: single-shot detectors for small objects in JAX/Flax.
 
-The public surface (SPEC section 8) is re-exported here; everything else may
+The public surface (docs/design.md §8) is re-exported here; everything else may
 move between releases. Submodules load on first use, so `import smallssd_jax`
 stays cheap and applies the CPU XLA defaults before any JAX backend starts.
 """

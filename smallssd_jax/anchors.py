@@ -1,7 +1,7 @@
 """Prior (default box, anchor) generators: SSD, DF-SSD and RefineDet styles.
 
 Every generator returns float32 NumPy `[A, 4]` anchors `[cy, cx, h, w]`,
-normalised to [0, 1] (SPEC section 2), made on the host once per config: inside
+normalised to [0, 1] (docs/design.md §2), made on the host once per config: inside
 jit they are constants. The order is the one the heads flatten their outputs in
 (docs/architecture.md): level by level, row-major over (y, x), then the anchors
 of one location.
@@ -166,7 +166,7 @@ def dfssd_anchors(feature_maps: Sequence[Size],
                   small_ratios: Sequence[float] = (1.0, 2.0, 0.5),
                   anchors_per_location: Sequence[int] | None = None,
                   clip: bool = False) -> np.ndarray:
-  """DF-SSD priors (SPEC section 4).
+  """DF-SSD priors (docs/design.md §4).
 
   Scales are linear in `[s_min, s_max]` over the levels (`dfssd_scales`). A
   6-prior cell holds ratios {1, 2, 1/2, 3, 1/3} at `s_k` plus the ratio-1
@@ -206,7 +206,7 @@ def refinedet_anchors(feature_maps: Sequence[Size],
                       size_factor: float = 4.0,
                       aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
                       clip: bool = False) -> np.ndarray:
-  """RefineDet priors (SPEC section 5): one scale per level, `size_factor x step`
+  """RefineDet priors (docs/design.md §5): one scale per level, `size_factor x step`
   pixels, at each of `aspect_ratios` (w / h), in that order per location.
 
   Args:

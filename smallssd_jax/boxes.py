@@ -1,6 +1,6 @@
 """Box arithmetic: area, IoU, format conversions, SSD offset encoding.
 
-Formats (SPEC section 2):
+Formats (docs/design.md §2):
 
 * `yxyx`: `[ymin, xmin, ymax, xmax]`, normalised to [0, 1] unless the name says
   `_px`. The library's own format.

@@ -1,4 +1,4 @@
-"""MultiBox loss (SSD) and the two-step loss (RefineDet-style, SPEC section 5).
+"""MultiBox loss (SSD) and the two-step loss (RefineDet-style, docs/design.md §5).
 
 Pure functions of arrays, jit-able, batched with static shapes: matching is
 vmapped over images and hard-negative mining ranks anchors with one sort and a
@@ -167,7 +167,7 @@ def refine_anchors(arm_deltas: jax.Array, anchors: jax.Array,
 
 def two_step_loss(outputs: Mapping[str, jax.Array], anchors: jax.Array,
                   batch: Mapping[str, Any], loss_cfg: Config) -> tuple[jax.Array, Metrics]:
-  """RefineDet-style loss of the two-step head (SPEC section 5).
+  """RefineDet-style loss of the two-step head (docs/design.md §5).
 
   Step one (ARM): 2-way softmax cross entropy, background vs object (the
   head's `arm_logits [B, A, 2]`, as RefineDet), with hard negatives at

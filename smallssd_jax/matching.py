@@ -1,4 +1,4 @@
-"""Ground truth -> per-anchor training targets (SSD matching, SPEC section 3).
+"""Ground truth -> per-anchor training targets (SSD matching, docs/design.md §3).
 
 One image at a time with static shapes; `jax.vmap` over the batch
 (`match_batch`). Two rules, as in SSD, ssd.pytorch and torchvision's

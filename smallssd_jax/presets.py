@@ -1,4 +1,4 @@
-"""Model, prior and loss presets for the paper settings (SPEC sections 3-5).
+"""Model, prior and loss presets for the paper settings (docs/design.md §3-5).
 
 Config files in `configs/` compose these; every value here can be overridden
 from the command line (`--config.model.width=0.25`). Feature-map sizes are
@@ -14,7 +14,7 @@ from smallssd_jax import config_lib
 
 ConfigDict = ml_collections.ConfigDict
 
-# The papers' small-object VOC classes (DF-SSD tables; SPEC section 6).
+# The papers' small-object VOC classes (DF-SSD tables; docs/design.md §6).
 VOC_SMALL_OBJECT_CLASSES = ('boat', 'bottle', 'chair', 'pottedplant', 'tvmonitor', 'bird')
 
 
@@ -61,7 +61,7 @@ def vgg_refinedet_feature_sizes(input_size: int) -> dict[str, int]:
 
 
 def ssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
-  """Baseline SSD300 / SSD512 (SPEC section 3)."""
+  """Baseline SSD300 / SSD512 (docs/design.md §3)."""
   size_512 = input_size >= 512
   fm = vgg_ssd_feature_sizes(input_size)
   sources = ['conv4_3', 'fc7', 'conv8_2', 'conv9_2', 'conv10_2', 'conv11_2']
@@ -112,7 +112,7 @@ def ssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
 
 
 def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
-  """DF-SSD300 / DF-SSD512 (SPEC section 4)."""
+  """DF-SSD300 / DF-SSD512 (docs/design.md §4)."""
   size_512 = input_size >= 512
   fm = vgg_ssd_feature_sizes(input_size)
   if size_512:
@@ -130,7 +130,7 @@ def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
       name='dfssd',
       neck='dfssd',
       sources=sources,
-      batch_norm=True,                # BN after each fusion projection (SPEC 4: 1x1 conv + BN)
+      batch_norm=True,                # BN after each fusion projection (docs/design.md §4: 1x1 conv + BN)
       dfssd=ConfigDict(dict(
           deconv_channels=256,
           deconv_stride=deconv['stride'],
@@ -163,7 +163,7 @@ def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
 
 
 def skipfpn_model(input_size: int = 320, num_classes: int = 21) -> ConfigDict:
-  """SkipFPN-GRF320 / 512 with the two-step head (SPEC section 5)."""
+  """SkipFPN-GRF320 / 512 with the two-step head (docs/design.md §5)."""
   fm = vgg_refinedet_feature_sizes(input_size)
   sources = ['conv4_3', 'conv5_3', 'fc7', 'conv6_2']
   model = ConfigDict(dict(
@@ -235,7 +235,7 @@ def anchor_count(anchors: ConfigDict) -> int:
     per = [2 + 2 * len(r) for r in anchors.aspect_ratios]
   elif anchors.style == 'dfssd':
     # ratio-1 prior at sqrt(s_k s_k+1) plus one per aspect ratio; the first map
-    # adds the half-scale small priors (SPEC section 4).
+    # adds the half-scale small priors (docs/design.md §4).
     per = [len(anchors.aspect_ratios) + 1] * len(anchors.feature_maps)
     if anchors.get('small_first_level', True):
       per[0] += len(anchors.small_ratios)
@@ -254,7 +254,7 @@ def data(name: str = 'builtin_small', **overrides) -> ConfigDict:
       train_split='train',
       eval_split='test',
       max_boxes=64,
-      # torchvision-style RGB normalisation (SPEC section 2); caffe weights want
+      # torchvision-style RGB normalisation (docs/design.md §2); caffe weights want
       # bgr=True, mean=(104, 117, 123), std=(1, 1, 1).
       mean=[123.0, 117.0, 104.0],
       std=[1.0, 1.0, 1.0],
@@ -287,7 +287,7 @@ def data(name: str = 'builtin_small', **overrides) -> ConfigDict:
           min_distractors=0,         # unlabelled shapes of the other classes per image,
           max_distractors=0,         # uniform in [min, max]; 0: none
       )),
-      # Caffe SSD augmentation parameters (SPEC section 3; datasets/augment.py).
+      # Caffe SSD augmentation parameters (docs/design.md §3; datasets/augment.py).
       photometric=ConfigDict(dict(
           prob=0.5,                  # of each of brightness, contrast, hue, saturation
           brightness_delta=32.0,
@@ -403,7 +403,7 @@ def voc0712_data(**overrides) -> ConfigDict:
 
 
 def kitti_data(**overrides) -> ConfigDict:
-  """KITTI 2D object, 3 grouped classes (SPEC section 4), DontCare ignored."""
+  """KITTI 2D object, 3 grouped classes (docs/design.md §4), DontCare ignored."""
   return data('kitti', train_split='train', eval_split='val', max_boxes=128, **overrides)
 
 
@@ -441,7 +441,7 @@ def runlocal(config: ConfigDict, width: float = 0.125, steps: int = 20) -> Confi
 
 def paper_config(preset: ConfigDict, data_cfg: ConfigDict, *, metric: str, batch_size: int,
                  steps: int, boundaries, warmup_steps: int = 1000) -> ConfigDict:
-  """A paper setting: the model preset, its data, and the SGD recipe (SPEC 3, 5)."""
+  """A paper setting: the model preset, its data, and the SGD recipe (docs/design.md §3, §5)."""
   config = base_config(preset)
   config.data = data_cfg
   config.batch_size = batch_size

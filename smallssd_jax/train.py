@@ -76,7 +76,7 @@ class Detector:
 
 
 def build(config: ml_collections.ConfigDict) -> Detector:
-  """Model module + priors, checking they agree (SPEC: A == number of priors)."""
+  """Model module + priors, checking that the heads predict one output per prior."""
   priors = anchors_lib.from_config(config.anchors)
   module = models.build_detector(config.model, anchors_lib.anchors_per_location(config.anchors))
   models.check_anchor_count(module, config.model, priors.shape[0])

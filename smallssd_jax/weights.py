@@ -1,4 +1,4 @@
-"""Pretrained weights from PyTorch state dicts into the Flax parameter tree (SPEC sections 1, 8).
+"""Pretrained weights from PyTorch state dicts into the Flax parameter tree (docs/design.md §1, §8).
 
 Three sources:
 
@@ -22,7 +22,7 @@ PyTorch conv weights are OIHW, Flax's HWIO. `.pth` files need torch
 same keys, NumPy arrays) and in-memory dicts need nothing but NumPy.
 
 Input conventions differ between the sources, and the converters fold the
-difference into conv1_1 so that one data normalisation (SPEC section 2: RGB,
+difference into conv1_1 so that one data normalisation (docs/design.md §2: RGB,
 0..255 minus (123, 117, 104), `config.data`) serves all of them:
 
 * torchvision's ImageNet `vgg16` wants `(x / 255 - mean) / std`; its mean is
@@ -360,7 +360,7 @@ def torchvision_ssd300_config(num_classes: int = 91,
 
 def load_torchvision_ssd300(path_or_state_dict: str | os.PathLike | StateDict,
                             num_classes: int = 91) -> tuple[models.Detector, PyTree, np.ndarray]:
-  """A Flax SSD300 carrying torchvision `ssd300_vgg16` weights (SPEC section 8).
+  """A Flax SSD300 carrying torchvision `ssd300_vgg16` weights (docs/design.md §8).
 
   Args:
     path_or_state_dict: a `.pth` (needs torch) or `.npz` file, or a state dict.

@@ -1,4 +1,4 @@
-"""Data parallelism (SPEC section 7): 8 CPU devices in one process, and 2 processes over gloo.
+"""Data parallelism (docs/design.md §7): 8 CPU devices in one process, and 2 processes over gloo.
 
 The device count and `jax.distributed` must be fixed before JAX starts, so
 every case runs in fresh subprocesses, and this file is also their script:

@@ -29,7 +29,7 @@ def per_location(anchor_cfg):
   if anchor_cfg.style == 'ssd':
     return [2 + 2 * len(r) for r in anchor_cfg.aspect_ratios]
   if anchor_cfg.style == 'dfssd':
-    # SPEC 4: six priors per cell, nine on the first map (the half-scale extras).
+    # docs/design.md §4: six priors per cell, nine on the first map (the half-scale extras).
     return [9 if k == 0 else 6 for k in range(len(anchor_cfg.feature_maps))]
   return [len(anchor_cfg.aspect_ratios)] * len(anchor_cfg.feature_maps)
 
@@ -149,7 +149,7 @@ def test_paper_configurations_by_shape(name, size, num_anchors, sizes):
 
 
 def test_ssd300_has_torchvision_parameter_count():
-  # torchvision's ssd300_vgg16 at 21 classes (SPEC section 3).
+  # torchvision's ssd300_vgg16 at 21 classes (docs/design.md §3).
   assert expected_params('ssd', 300) == 26_285_486
 
 

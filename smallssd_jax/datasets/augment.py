@@ -1,4 +1,4 @@
-"""SSD training augmentation with the original Caffe semantics (SPEC section 3).
+"""SSD training augmentation with the original Caffe semantics (docs/design.md §3).
 
 Every op is a small function `op(example, rng) -> example` over the whole
 example dict {image, boxes, labels, ignore, ...} (records.py), so pixels and

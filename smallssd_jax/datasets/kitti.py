@@ -3,7 +3,7 @@
   <root>/training/image_2/<id>.png
   <root>/training/label_2/<id>.txt
 
-The 8 KITTI types are grouped as in DF-SSD (SPEC section 4): pedestrian =
+The 8 KITTI types are grouped as in DF-SSD (docs/design.md §4): pedestrian =
 Pedestrian + Person_sitting, vehicle = Car + Van + Truck + Tram, other =
 Cyclist + Misc. `DontCare` regions are kept as ignored boxes, one copy per
 class, because the KITTI protocol ignores detections of *any* class inside

@@ -9,7 +9,7 @@ backbone, neck or head means adding one builder and one registry entry.
 resized and normalised) returns only arrays:
 
 * `cls_logits [B, A, C]` (class 0 = background), `box_deltas [B, A, 4]`
-  (`[dy, dx, dh, dw]` relative to the priors, SPEC section 2);
+  (`[dy, dx, dh, dw]` relative to the priors, docs/design.md §2);
 * two-step head: also `arm_logits [B, A, 2]` and `arm_deltas [B, A, 4]`.
 
 A = sum over levels of H_l * W_l * anchors_per_location[l], in the prior

@@ -1,4 +1,4 @@
-"""Prediction heads: SSD's single-step head and RefineDet's two-step head (SPEC sections 3, 5).
+"""Prediction heads: SSD's single-step head and RefineDet's two-step head (docs/design.md §3, §5).
 
 Every level gets a 3x3 conv for class logits (`anchors * classes` channels) and
 one for box deltas (`anchors * 4`, ordered `[dy, dx, dh, dw]` per anchor as in

@@ -1,4 +1,4 @@
-"""SkipFPN-GRF neck: skip feature pyramid with global receptive field modules (SPEC section 5).
+"""SkipFPN-GRF neck: skip feature pyramid with global receptive field modules (docs/design.md §5).
 
 Sources (RefineDet's VGG16): conv4_3, conv5_3 (both L2-normalised), fc7,
 conv6_2 at strides 8, 16, 32, 64 (40/20/10/5 at 320, 64/32/16/8 at 512).

@@ -1,4 +1,4 @@
-"""VGG16 "reduced fc" backbones with the SSD / RefineDet extra layers (SPEC sections 3, 5).
+"""VGG16 "reduced fc" backbones with the SSD / RefineDet extra layers (docs/design.md §3, §5).
 
 One module, `VGG16`, returns every named feature map a detector may take as a
 source: `conv4_3`, `conv5_3`, `fc7` and the extra layers' outputs (`conv8_2`
