@@ -15,53 +15,48 @@ Arguments (comma separated): the model (`ssd` | `dfssd` | `skipfpn`),
 `runlocal` (a few steps, for tests), `width=`, `steps=`, `seed=`.
 """
 
-from smallssd_jax import presets
-
-MODELS = {
-    'dfssd': lambda n: presets.dfssd_model(300, num_classes=n),
-    'ssd': lambda n: presets.ssd_model(300, num_classes=n),
-    'skipfpn': lambda n: presets.skipfpn_model(320, num_classes=n),
-}
+from smallssd_jax import config_blocks as blocks
 
 
 def get_config(arg=None):
-  arg = presets.parse_arg(arg, model='ssd', runlocal=False, width=0.125, steps=200, seed=0)
-  if arg.model not in MODELS:
-    raise ValueError(f'configs/default.py: model {arg.model!r} not in {sorted(MODELS)}')
-  data = presets.data('builtin_small', max_boxes=48, eval_split='test')
-  data.builtin.num_classes = 6
-  config = presets.base_config(MODELS[arg.model](data.builtin.num_classes + 1))
-  config.data = data
+  arg = blocks.parse_arg(arg, model='ssd', runlocal=False, width=0.125, steps=200, seed=0)
+  config = blocks.ConfigDict()
+  # Model: one of the registered detectors at its paper input size (300, or 320 for
+  # SkipFPN-GRF), 6 classes + background, 1/8 width, trained from scratch: BatchNorm
+  # in the backbone and extra layers (ScratchDet: a plain VGG16 barely moves in a few
+  # hundred steps), heads initialised near zero (normal 0.01) so the first steps are
+  # not spent undoing large random logits (docs/design.md §9).
+  config.update(blocks.model(arg.model, num_classes=7))   # model, anchors, loss
+  config.model.width = arg.width
+  config.model.backbone_batch_norm = True
+  config.model.head_init = 'small'
+  config.post = blocks.postprocess()
+  # Data: the built-in small-object dataset at the model's input size: 4-32 shapes of
+  # 6-64 px per image (docs/design.md §6); Caffe SSD augmentation, zoom-out up to 2x
+  # only (the objects are already small).
+  config.data = blocks.data('builtin_small', max_boxes=48, eval_split='test')
   config.data.builtin.image_size = config.model.input_size
   config.data.builtin.num_test = 150
-  config.data.augment = ['photometric', 'zoom_out', 'min_iou_crop', 'flip']
-  config.data.zoom_out_max = 2.0      # objects are already small; 4x would shrink them to nothing
-  config.model.width = arg.width
-  # From scratch, a plain VGG16 without BatchNorm barely moves in a few hundred
-  # steps (SSD300 scored 0.0 mAP after 300); BN in the backbone and extra layers
-  # (ScratchDet) makes SSD300 and SkipFPN-GRF train (DF-SSD300 does not under
-  # this recipe: docs/results.md).
-  config.model.backbone_batch_norm = True
-  # ...and heads that start near zero, so the first steps are not spent
-  # undoing logits of Xavier-initialised heads on unit-variance BN features.
-  config.model.head_init = 'small'
-  config.seed = arg.seed
-
+  config.data.zoom_out_max = 2.0
+  # Schedule: batch 8, SGD lr 1e-2 after a linear warm-up (a fifth of the run, at most
+  # 100 steps), /10 at 70% and 90% of the run, global gradient clip at 10.
   config.batch_size = 8
   config.num_train_steps = arg.steps
-  config.optim = presets.sgd(lr=1e-2, boundaries=(int(arg.steps * 0.7), int(arg.steps * 0.9)),
-                             warmup_steps=min(100, arg.steps // 5))
-  config.optim.grad_clip_norm = 10.0
+  config.optim = blocks.sgd(lr=1e-2, boundaries=[0.7, 0.9], warmup_steps=min(100, arg.steps // 5),
+                            grad_clip_norm=10.0)
+  # Evaluation: VOC07 11-point mAP and AP by object size, once, at the end; then the
+  # detections on 4 test images are drawn (scores of a short run are low: >= 0.15).
+  config.eval = blocks.evaluation('voc07', batch_size=16)
+  config.eval_every_steps = 0
+  config.detect = blocks.detection(score_threshold=0.15, max_images=4)
+  config.seed = arg.seed
   config.log_every_steps = 25
-  config.eval_every_steps = 0          # evaluate once, at the end
   config.checkpoint_every_steps = 500
-  config.eval.metric = 'voc07'
-  config.eval.batch_size = 16
-  config.detect.max_images = 4
-  config.detect.score_threshold = 0.15   # a short run's scores are low; draw what it finds
-
+  config.keep_checkpoints = 3
+  config.init_from = ''
+  config.runlocal = arg.runlocal
   if arg.runlocal:
-    presets.runlocal(config, width=arg.width / 2, steps=6)
+    blocks.shrink_for_runlocal(config, width=arg.width / 2, steps=6)
     config.data.builtin.num_test = 8
     config.eval.num_examples = 8
   return config

@@ -16,12 +16,32 @@ Run-local check of the same setting (tiny width, built-in data, a minute on a CP
   python -m smallssd_jax.main --config=configs/skipfpn512_voc0712.py:runlocal --workdir=/tmp/skipfpn512_voc0712
 """
 
-from smallssd_jax import presets
+from smallssd_jax import config_blocks as blocks
 
 
 def get_config(arg=None):
-  arg = presets.parse_arg(arg, runlocal=False)
-  config = presets.paper_config(
-      presets.skipfpn_model(512, num_classes=21), presets.voc0712_data(), metric='voc07',
-      batch_size=16, steps=140_000, boundaries=(80_000, 100_000, 120_000))
-  return presets.runlocal(config) if arg.runlocal else config
+  arg = blocks.parse_arg(arg, runlocal=False)
+  config = blocks.ConfigDict()
+  # Model: RefineDet's VGG16, skip feature pyramid + global receptive field, two-step head
+  # (docs/design.md §5); 21 classes with the background.
+  config.update(blocks.skipfpn_model(input_size=512, num_classes=21))   # model, anchors, loss
+  config.post = blocks.postprocess(max_detections=200)
+  # Data: VOC07+12 trainval -> VOC07 test (tfds, or a VOCdevkit with --config.data.root).
+  config.data = blocks.voc0712_data()
+  # Schedule: batch 16, SGD momentum 0.9, weight decay 5e-4, lr 1e-3 divided by 10
+  # at 80k, 100k, 120k, 140k iterations, a 1k-step warm-up.
+  config.batch_size = 16
+  config.num_train_steps = 140_000
+  config.optim = blocks.sgd(lr=1e-3, boundaries=[80_000, 100_000, 120_000], warmup_steps=1000)
+  # Evaluation: VOC07 11-point mAP (the papers' metric) and AP by object size, every 10k steps
+  # and at the end.
+  config.eval = blocks.evaluation('voc07')
+  config.eval_every_steps = 10_000
+  config.detect = blocks.detection()
+  config.seed = 0
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 5_000
+  config.keep_checkpoints = 3
+  config.init_from = ''      # e.g. vgg16_reducedfc.pth (ImageNet VGG16, as the papers start)
+  config.runlocal = arg.runlocal
+  return blocks.shrink_for_runlocal(config) if arg.runlocal else config

@@ -12,12 +12,12 @@ clear as the objects. Every object is COCO-small.
 
 import pathlib
 
-from smallssd_jax import config_lib
+from smallssd_jax import config_blocks
 
 
 def get_config(arg=None):
   default = pathlib.Path(__file__).with_name('default.py')
-  config = config_lib.load_config(f'{default}:{arg}' if arg else str(default))
+  config = config_blocks.load_config(f'{default}:{arg}' if arg else str(default))
   config.data.builtin.update(dict(
       min_size=4.0, max_size=24.0,
       min_objects=16, max_objects=48,

@@ -2,14 +2,13 @@
 
 The public surface (docs/design.md §8) is re-exported here; everything else may
 move between releases. Submodules load on first use, so `import smallssd_jax`
-stays cheap and applies the CPU XLA defaults before any JAX backend starts.
+stays cheap. Importing the package changes no process state: the command-line
+entry points set XLA's CPU flags (`apply_cpu_xla_defaults`), a program that
+imports the library gets XLA's defaults unless it calls that function before
+JAX starts a backend.
 """
 
 import importlib
-
-from smallssd_jax import _xla
-
-_xla.apply_cpu_defaults()
 
 __version__ = '0.1.0'
 
@@ -20,6 +19,7 @@ _PUBLIC = {
     'batched_nms': 'smallssd_jax.postprocess',
     'evaluate': 'smallssd_jax.metrics',
     'load_torchvision_ssd300': 'smallssd_jax.weights',
+    'apply_cpu_xla_defaults': 'smallssd_jax._xla',
 }
 
 __all__ = sorted(_PUBLIC)

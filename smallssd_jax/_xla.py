@@ -1,12 +1,14 @@
-"""CPU defaults for XLA, applied when the package is imported.
+"""CPU defaults for XLA, applied by the command-line entry points (and on request).
 
 On the CPU, XLA's default pipeline hands convolutions to YNNPACK library
 fusions whose backward pass is about 3x slower than Eigen's; disabling the
 `dot-library-rewriter` pass routes them to Eigen, which makes a VGG16-SSD
 train step as fast as PyTorch's on the same machine (forward speed is about
 equal either way). The flag must be in `XLA_FLAGS` before the first backend
-starts, so it is added on import, and only when no accelerator plugin is
-installed: GPU and TPU builds keep XLA's defaults.
+starts, so the entry points (`python -m smallssd_jax.main` and the tools) add
+it first thing, and only when no accelerator plugin is installed: GPU and
+TPU builds keep XLA's defaults. Importing the package does not: call
+`smallssd_jax.apply_cpu_xla_defaults()` before using JAX to get the same.
 
 Set `SMALLSSD_JAX_XLA_DEFAULTS=0` to leave `XLA_FLAGS` untouched.
 """
@@ -34,7 +36,7 @@ def _backends_started() -> bool:
   return bool(getattr(xla_bridge, '_backends', None))
 
 
-def apply_cpu_defaults() -> bool:
+def apply_cpu_xla_defaults() -> bool:
   """Adds CPU_FLAGS to XLA_FLAGS when it can still take effect; returns whether it did."""
   if os.environ.get('SMALLSSD_JAX_XLA_DEFAULTS', '1') == '0':
     return False

@@ -258,7 +258,7 @@ def _input_size(anchor_cfg: ml_collections.ConfigDict, input_size: Size | None) 
 
 def from_config(anchor_cfg: ml_collections.ConfigDict,
                 input_size: Size | None = None) -> np.ndarray:
-  """Builds the priors an `anchors` config describes (presets.py).
+  """Builds the priors an `anchors` config describes (config_blocks.py).
 
   Args:
     anchor_cfg: `config.anchors`, with `style` 'ssd' | 'dfssd' | 'refinedet'
@@ -339,3 +339,9 @@ def anchors_per_level(anchor_cfg: ml_collections.ConfigDict,
   """
   del input_size
   return anchors_per_location(anchor_cfg)
+
+
+def prior_count(anchor_cfg: ml_collections.ConfigDict) -> int:
+  """Number of priors a prior config makes, without building them."""
+  return sum(n * int(np.prod(_pair(f))) for n, f in
+             zip(anchors_per_location(anchor_cfg), anchor_cfg.feature_maps))

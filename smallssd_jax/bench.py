@@ -69,6 +69,8 @@ from smallssd_jax import models
 from smallssd_jax import train as train_lib
 from smallssd_jax.datasets import augment
 from smallssd_jax.datasets import pipeline
+from smallssd_jax import sharding
+from smallssd_jax import task as task_lib
 
 
 def define_flags() -> None:
@@ -178,16 +180,16 @@ def _model_description(config) -> dict[str, Any]:
 def bench_model(config, batch: dict[str, np.ndarray], steps: int, warmup: int,
                 workdir: str | None = None) -> dict[str, Any]:
   """Everything but the data pipeline, on the mesh over every device."""
-  mesh = train_lib.make_mesh()
+  mesh = sharding.make_mesh()
   device = describe_devices(list(mesh.devices.flat))
   size = int(batch['image'].shape[0])
   if size % mesh.size:
     raise ValueError(f'--batch={size} does not divide over the {mesh.size} devices')
-  detector = train_lib.build(config)
-  state = train_lib.create_train_state(detector, config, train_lib.init_rng(config.seed), mesh)
+  detector = task_lib.build_task(config)
+  state = task_lib.create_train_state(detector, config, task_lib.init_rng(config.seed), mesh)
   if workdir:
     state, _ = ckpt_lib.restore_variables(workdir, state)
-  variables = eval_lib.variables_of(state)
+  variables = task_lib.variables_of(state)
   out: dict[str, Any] = {
       'num_params': models.count_params(state.params),
   }
@@ -199,13 +201,13 @@ def bench_model(config, batch: dict[str, np.ndarray], steps: int, warmup: int,
   out['gflops_per_image'] = measurement(flops_of(forward, one_variables, one_image) / 1e9,
                                         device, method='XLA cost analysis, batch 1 forward')
 
-  global_batch = train_lib.to_global_batch(batch, mesh)
+  global_batch = sharding.to_global_batch(batch, mesh)
   # Evaluation batches are resized on the host: with the train resample in
   # the step (source canvases), inference takes input-size crops of them.
   images = (global_batch['image'] if 'window' not in batch else
-            train_lib.to_global_batch({'image': batch['image'][:, :s, :s]}, mesh)['image'])
+            sharding.to_global_batch({'image': batch['image'][:, :s, :s]}, mesh)['image'])
 
-  predict = eval_lib.make_predict_fn(detector, config, mesh)
+  predict = task_lib.make_predict_fn(detector, config, mesh)
   start = time.perf_counter()
   predict_compiled = predict.lower(variables, images).compile()
   out['compile_seconds_inference'] = measurement(time.perf_counter() - start, device)

@@ -18,7 +18,7 @@ from absl import flags
 
 from smallssd_jax import _xla
 
-_xla.apply_cpu_defaults()
+_xla.apply_cpu_xla_defaults()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from smallssd_jax import anchors as anchor_lib  # noqa: E402
 from smallssd_jax import losses  # noqa: E402
 from smallssd_jax import postprocess  # noqa: E402
-from smallssd_jax import presets  # noqa: E402
+from smallssd_jax import config_blocks  # noqa: E402
 
 _BATCH = flags.DEFINE_integer('batch', 32, 'images per batch')
 _MAX_BOXES = flags.DEFINE_integer('max_boxes', 50, 'ground-truth slots per image')
@@ -65,9 +65,9 @@ def _inputs(batch: int, num_anchors: int, num_classes: int, max_boxes: int, seed
 
 def main(argv):
   del argv
-  cfg = presets.ssd_model(300, num_classes=21)
+  cfg = config_blocks.ssd_model(300, num_classes=21)
   anchors = anchor_lib.from_config(cfg.anchors)
-  post = presets.postprocess()
+  post = config_blocks.postprocess()
   outputs, targets = _inputs(_BATCH.value, len(anchors), 21, _MAX_BOXES.value)
   kw = dict(repeats=_REPEATS.value, warmup=_WARMUP.value)
   print(f'device: {jax.devices()[0].device_kind}, batch {_BATCH.value}, {len(anchors)} priors, '

@@ -38,6 +38,7 @@ import numpy as np
 
 from smallssd_jax import bench
 from smallssd_jax import train as train_lib
+from smallssd_jax import task as task_lib
 
 _STEPS = 3
 
@@ -150,7 +151,7 @@ def torch_conv_fns(conv: dict[str, Any]):
 
 def model_convolutions(config, batch: int) -> list[dict[str, Any]]:
   """The distinct convolutions of the config's detector's forward pass at `batch`."""
-  detector = train_lib.build(config)
+  detector = task_lib.build_task(config)
   s = int(config.model.input_size)
   image = jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: detector.module.init(jax.random.key(0), x, train=False),

@@ -14,7 +14,7 @@ Inputs shared by both losses:
 * `anchors`: `[A, 4]` `[cy, cx, h, w]` normalised.
 * `batch`: `boxes [B, M, 4]` yxyx normalised, `labels int32 [B, M]` (1..K),
   `mask bool [B, M]`, `ignore bool [B, M]` (optional).
-* `loss_cfg`: `config.loss` (presets.ssd_loss): `iou_threshold`,
+* `loss_cfg`: `config.loss` (config_blocks.ssd_loss): `iou_threshold`,
   `neg_pos_ratio`, `variances`, `loc_weight`; two-step adds
   `arm_filter_threshold` and `negative_anchor_filter`.
 """

@@ -1,14 +1,30 @@
-"""What `main.py` runs: distributed start-up, then train / eval / detect."""
+"""What `main.py` runs: checks, distributed start-up, then train / eval / detect.
+
+Records: a training run owns `WORKDIR/config.json`, `metrics.jsonl`,
+`checkpoints/`, `eval/step_N/` (its own evaluations) and `detect/` (pictures
+drawn after training). `--mode=eval` and `--mode=detect` never write there:
+each writes its own folder, `eval/<name>/` or `detect/<name>/`
+(`--config.eval.name` / `--config.detect.name`, by default the start time),
+with the config it ran with.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 from absl import logging
 import jax
 import ml_collections
 
-from smallssd_jax import evaluation as eval_lib
+from smallssd_jax import checkpoints as ckpt_lib
+from smallssd_jax import config_check
+from smallssd_jax import detect as detect_lib
+from smallssd_jax import errors
+from smallssd_jax import evaluation
+from smallssd_jax import predictor
+from smallssd_jax import task as task_lib
 from smallssd_jax import train as train_lib
 
 
@@ -48,23 +64,70 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def record_dir(workdir: str, kind: str, name: str) -> str:
+  """A new folder `workdir/<kind>/<name>` for an eval or detect record; never an existing one."""
+  base = os.path.join(workdir, kind)
+  if name:
+    if name.startswith('step_') or '/' in name:
+      raise errors.ConfigError(f'{kind}.name {name!r}: names with "/" or starting with "step_" '
+                               'are reserved for the training run\'s records')
+    path = os.path.join(base, name)
+    if os.path.exists(path):
+      raise errors.ConfigError(f'{path} exists: choose another --config.{kind}.name')
+    return path
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  path, n = os.path.join(base, stamp), 1
+  while os.path.exists(path):
+    n += 1
+    path = os.path.join(base, f'{stamp}-{n}')
+  return path
+
+
+def _write_config(config: ml_collections.ConfigDict, path: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(config.to_dict(), f, indent=2, default=str)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict:
+  """Validates the config for `mode`, then trains / evaluates / detects.
+
+  Raises an `errors.RunError` (with its exit status) for every expected failure.
+  """
   initialize_distributed()
-  train_lib.dump_config(config, workdir)
+  config_check.validate(config, mode=mode, workdir=workdir)
   if mode == 'train':
-    results = train_lib.train_and_evaluate(config, workdir)
-    if config.detect.max_images:
-      detector, state, _, mesh = eval_lib.restore_for_inference(config, workdir)
-      out = eval_lib.detect_eval_examples(config, workdir, detector, state, mesh,
-                                          config.detect.max_images)
-      if jax.process_index() == 0:
-        print(f'Detections drawn on {config.detect.max_images} test images in {out}', flush=True)
+    with ckpt_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+      config_check.check_resume(config, workdir)
+      train_lib.dump_config(config, workdir)
+      results = train_lib.train_and_evaluate(config, workdir)
+      if config.detect.max_images:
+        task, state, _, mesh = predictor.restore_for_inference(config, workdir)
+        out = os.path.join(workdir, 'detect')
+        detect_lib.detect_images(config, task_lib.make_predict_fn(task, config, mesh),
+                                 task_lib.variables_of(state), mesh,
+                                 detect_lib.eval_examples(config, config.detect.max_images), out)
+        if jax.process_index() == 0:
+          print(f'Detections drawn on {config.detect.max_images} test images in {out}', flush=True)
   elif mode == 'eval':
-    results = eval_lib.evaluate_checkpoint(config, workdir)
+    out = record_dir(workdir, 'eval', config.eval.name)
+    task, state, step, mesh = predictor.restore_for_inference(config, workdir)
+    _write_config(config, os.path.join(out, 'config.json'))
+    evaluator = evaluation.Evaluator(config, task_lib.make_predict_fn(task, config, mesh), mesh)
+    results = evaluator.run(task_lib.variables_of(state), step=step,
+                            out_dir=os.path.join(out, f'step_{step}'))
   elif mode == 'detect':
-    return {'detections': eval_lib.detect(config, workdir)}
+    out = record_dir(workdir, 'detect', config.detect.name)
+    task, state, _, mesh = predictor.restore_for_inference(config, workdir)
+    _write_config(config, os.path.join(out, 'config.json'))
+    records = detect_lib.detect_images(config, task_lib.make_predict_fn(task, config, mesh),
+                                       task_lib.variables_of(state), mesh,
+                                       detect_lib.folder_images(config.detect.input), out)
+    print(f'Wrote {len(records)} images with detections to {out}', flush=True)
+    return {'detections': records, 'out_dir': out}
   else:
-    raise ValueError(f'unknown mode {mode!r}')
+    raise errors.ConfigError(f'unknown mode {mode!r}: train, eval or detect')
   if jax.process_index() == 0 and results:
     print(headline(results, config.eval.metric), flush=True)
   return results

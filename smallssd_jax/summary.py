@@ -22,15 +22,15 @@ from ml_collections import config_flags
 
 from smallssd_jax import anchors as anchors_lib
 from smallssd_jax import models
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 
 PRESETS = {
-    'ssd300': lambda: presets.ssd_model(300),
-    'ssd512': lambda: presets.ssd_model(512),
-    'dfssd300': lambda: presets.dfssd_model(300),
-    'dfssd512': lambda: presets.dfssd_model(512),
-    'skipfpn320': lambda: presets.skipfpn_model(320),
-    'skipfpn512': lambda: presets.skipfpn_model(512),
+    'ssd300': lambda: config_blocks.ssd_model(300),
+    'ssd512': lambda: config_blocks.ssd_model(512),
+    'dfssd300': lambda: config_blocks.dfssd_model(300),
+    'dfssd512': lambda: config_blocks.dfssd_model(512),
+    'skipfpn320': lambda: config_blocks.skipfpn_model(320),
+    'skipfpn512': lambda: config_blocks.skipfpn_model(512),
 }
 
 

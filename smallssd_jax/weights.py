@@ -51,7 +51,7 @@ import numpy as np
 
 from smallssd_jax import anchors as anchors_lib
 from smallssd_jax import models
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 
 PyTree = Any
 StateDict = Mapping[str, np.ndarray]
@@ -90,9 +90,15 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | StateDict) -> dict[s
     state = path_or_state_dict
   else:
     path = os.fspath(path_or_state_dict)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'weight file {path} does not exist')
     if path.endswith('.npz'):
-      with np.load(path) as f:
-        state = {k: f[k] for k in f.files}
+      try:
+        with np.load(path, allow_pickle=False) as f:
+          state = {k: f[k] for k in f.files}
+      except Exception as e:  # pylint: disable=broad-except  (zip, pickle, format errors)
+        raise ValueError(f'{path} is not a readable .npz of arrays ({type(e).__name__}: {e}); '
+                         'save weights with numpy.savez(path, **state_dict)') from e
     else:
       try:
         import torch  # pylint: disable=g-import-not-at-top
@@ -345,7 +351,7 @@ def torchvision_ssd300_config(num_classes: int = 91,
   Images: RGB, `255 * x - (123, 117, 104)` (torchvision's image_mean
   (0.48235, 0.45882, 0.40784) with std 1/255), no std division.
   """
-  preset = presets.ssd_model(300, num_classes)
+  preset = config_blocks.ssd_model(300, num_classes)
   preset.model.width = width
   preset.anchors = ml_collections.ConfigDict(dict(
       style='ssd',

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import time
 
 from absl import logging
 
@@ -47,25 +48,66 @@ class MetricWriter:
 
 
 class Progress:
-  """A tqdm bar with loss and images/s; silent on other processes or without a TTY."""
+  """Progress of the run, process 0 only: a tqdm bar on a terminal, else one line per log step.
 
-  def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+  Without a terminal (a SLURM or CI log, `| tee`) a bar prints nothing
+  useful, so every `log_every_steps` one compact line goes to stdout instead:
+  `step 150/200  loss 6.32 (cls 4.26, box 2.06)  12.1 img/s  ETA 0:35`.
+  """
+
+  def __init__(self, total: int, initial: int = 0, enabled: bool = True,
+               terminal: bool | None = None):
     self._bar = None
-    if enabled:
+    self._enabled = enabled
+    self._total = total
+    self._n = initial
+    self._start = (time.perf_counter(), initial)
+    if terminal is None:
+      terminal = sys.stderr.isatty() and not os.environ.get('CI')
+    self._terminal = terminal
+    if enabled and terminal:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
-                       mininterval=2.0, file=sys.stderr, disable=None if not os.environ.get('CI') else True)
-    self._n = initial
+                       mininterval=2.0, file=sys.stderr)
 
   def update(self, step: int) -> None:
     if self._bar is not None:
       self._bar.update(step - self._n)
     self._n = step
 
-  def postfix(self, **values: float) -> None:
+  def log(self, step: int, metrics: dict[str, float]) -> None:
+    """The metrics of a log step: on the bar, or as one line."""
+    if not self._enabled:
+      return
     if self._bar is not None:
-      self._bar.set_postfix({k: f'{v:.3g}' for k, v in values.items()}, refresh=False)
+      self._bar.set_postfix({'loss': f'{metrics["loss"]:.3g}',
+                             'img_s': f'{metrics.get("images_per_sec", 0.0):.3g}'}, refresh=False)
+      return
+    print(format_log_line(step, self._total, metrics, self._eta(step)), flush=True)
+
+  def _eta(self, step: int) -> float | None:
+    t0, s0 = self._start
+    done = step - s0
+    if done <= 0:
+      return None
+    return (time.perf_counter() - t0) / done * (self._total - step)
 
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+def format_log_line(step: int, total: int, metrics: dict[str, float], eta: float | None) -> str:
+  """`step 150/200  loss 6.32 (cls 4.26, box 2.06)  12.1 img/s  ETA 0:35`."""
+  parts = [f'step {step}/{total}', f'loss {metrics["loss"]:.4g}']
+  inner = [f'{name} {metrics[key]:.3g}' for name, key in (('cls', 'cls_loss'), ('box', 'box_loss'))
+           if key in metrics]
+  if inner:
+    parts[-1] += f' ({", ".join(inner)})'
+  if 'images_per_sec' in metrics:
+    parts.append(f'{metrics["images_per_sec"]:.1f} img/s')
+  if eta is not None:
+    minutes, seconds = divmod(int(round(eta)), 60)
+    hours, minutes = divmod(minutes, 60)
+    parts.append(f'ETA {hours}:{minutes:02d}:{seconds:02d}' if hours else f'ETA {minutes}:{seconds:02d}')
+  return '  '.join(parts)

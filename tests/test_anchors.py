@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from smallssd_jax import anchors as anchor_lib
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 
 TV_RATIOS = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
 TV_SCALES = [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05]
@@ -107,7 +107,7 @@ def ssd_pytorch_priorbox(image_size, feature_maps, min_sizes, max_sizes, steps, 
 
 @pytest.mark.parametrize('size', [300, 512])
 def test_ssd_preset_matches_ssd_pytorch_priorbox(size):
-  cfg = presets.ssd_model(size).anchors
+  cfg = config_blocks.ssd_model(size).anchors
   ours = anchor_lib.from_config(cfg)
   ref = ssd_pytorch_priorbox(size, cfg.feature_maps, cfg.min_sizes, cfg.max_sizes, cfg.steps,
                              cfg.aspect_ratios)
@@ -117,9 +117,9 @@ def test_ssd_preset_matches_ssd_pytorch_priorbox(size):
 
 
 @pytest.mark.parametrize('fn,size,count', [
-    (presets.ssd_model, 300, 8732), (presets.ssd_model, 512, 24564),
-    (presets.dfssd_model, 300, 15966), (presets.skipfpn_model, 320, 6375),
-    (presets.skipfpn_model, 512, 16320)])
+    (config_blocks.ssd_model, 300, 8732), (config_blocks.ssd_model, 512, 24564),
+    (config_blocks.dfssd_model, 300, 15966), (config_blocks.skipfpn_model, 320, 6375),
+    (config_blocks.skipfpn_model, 512, 16320)])
 def test_preset_anchor_counts(fn, size, count):
   cfg = fn(size).anchors
   a = anchor_lib.from_config(cfg)
@@ -131,7 +131,7 @@ def test_preset_anchor_counts(fn, size, count):
 
 
 def test_dfssd_priors_loop_reference():
-  cfg = presets.dfssd_model(300).anchors
+  cfg = config_blocks.dfssd_model(300).anchors
   assert anchor_lib.anchors_per_location(cfg) == [9, 6, 6, 6, 6]
   a = anchor_lib.from_config(cfg)
   m = 5
@@ -153,7 +153,7 @@ def test_dfssd_priors_loop_reference():
 
 
 def test_dfssd_anchors_per_location_mismatch_raises():
-  cfg = presets.dfssd_model(300).anchors
+  cfg = config_blocks.dfssd_model(300).anchors
   cfg.anchors_per_location = [6, 6, 6, 6, 6]
   with pytest.raises(ValueError, match='anchors_per_location'):
     anchor_lib.from_config(cfg)
@@ -162,7 +162,7 @@ def test_dfssd_anchors_per_location_mismatch_raises():
 
 
 def test_refinedet_priors_loop_reference():
-  cfg = presets.skipfpn_model(320).anchors
+  cfg = config_blocks.skipfpn_model(320).anchors
   a = anchor_lib.from_config(cfg)
   rows = []
   for f, stride in zip([40, 20, 10, 5], [8, 16, 32, 64]):
@@ -196,15 +196,15 @@ def test_clip_limits_sizes_not_centres():
 def test_missing_sizes_raise():
   with pytest.raises(ValueError):
     anchor_lib.ssd_anchors([38], [[2]], steps=[8], min_sizes=[30], max_sizes=[60])
-  cfg = presets.ssd_model(300).anchors
+  cfg = config_blocks.ssd_model(300).anchors
   cfg.style = 'nope'
   with pytest.raises(ValueError, match='style'):
     anchor_lib.from_config(cfg)
 
 
 def test_input_size_inference_refuses_inconsistent_configs():
-  cfg = presets.ssd_model(400).anchors    # last map 3x3 with a 400 px step: 1200?
+  cfg = config_blocks.ssd_model(400).anchors    # last map 3x3 with a 400 px step: 1200?
   del cfg['input_size']                   # presets state it; inference is the fallback
   with pytest.raises(ValueError, match='input size'):
     anchor_lib.from_config(cfg)
-  assert anchor_lib.from_config(cfg, 400).shape[0] == presets.anchor_count(cfg)
+  assert anchor_lib.from_config(cfg, 400).shape[0] == anchor_lib.prior_count(cfg)

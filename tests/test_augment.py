@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 from smallssd_jax.datasets import augment
 from smallssd_jax.datasets import records
 
@@ -260,7 +260,7 @@ def test_resize_and_normalize():
 
 @pytest.mark.parametrize('on_device', [True, False])
 def test_ops_from_config(on_device):
-  cfg = presets.data(pixels_on_device=on_device)
+  cfg = config_blocks.data(pixels_on_device=on_device)
   ops = augment.train_ops(cfg, 64)
   # + resize, and normalize on the host path
   assert len(ops) == len(cfg.augment) + (1 if on_device else 2)

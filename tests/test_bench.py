@@ -72,7 +72,7 @@ def test_paired_seconds_alternates_the_calls():
 
 def test_synthetic_batch_has_the_pipeline_shapes():
   from smallssd_jax import bench  # pylint: disable=g-import-not-at-top
-  from smallssd_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.config_blocks import load_config  # pylint: disable=g-import-not-at-top
   from smallssd_jax.datasets import pipeline  # pylint: disable=g-import-not-at-top
   cfg = load_config(str(REPO / 'configs' / 'default.py') + ':runlocal')
   cases = ((True, ['photometric'], 'False'), (True, [], 'False'), (False, ['photometric'], 'False'),
@@ -159,7 +159,7 @@ def test_bench_layers_torch_convolution_is_the_same_convolution():
 
 def test_bench_layers_report():
   from smallssd_jax import bench_layers  # pylint: disable=g-import-not-at-top
-  from smallssd_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.config_blocks import load_config  # pylint: disable=g-import-not-at-top
   cfg = load_config(str(REPO / 'configs' / 'default.py') + ':runlocal')
   model = bench_layers.model_convolutions(cfg, batch=2)
   assert len(model) > 10 and sum(c['count'] for c in model) > len(model)  # repeats grouped

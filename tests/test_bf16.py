@@ -13,8 +13,10 @@ import numpy as np
 
 from smallssd_jax import evaluation as eval_lib
 from smallssd_jax import train
-from smallssd_jax.config_lib import load_config
+from smallssd_jax.config_blocks import load_config
 from smallssd_jax.datasets import pipeline
+from smallssd_jax import sharding
+from smallssd_jax import task as task_lib
 
 CONFIG = str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py') + ':runlocal'
 FAST_COMPILE = {'xla_backend_optimization_level': 1, 'xla_llvm_disable_expensive_passes': True}
@@ -39,13 +41,13 @@ def bf16_config():
 
 def test_bfloat16_forward_is_close_to_float32():
   cfg = bf16_config()
-  mesh = train.make_mesh()
-  bf16 = train.build(cfg)
+  mesh = sharding.make_mesh()
+  bf16 = task_lib.build_task(cfg)
   cfg32 = bf16_config()
   cfg32.model.dtype = 'float32'
-  fp32 = train.build(cfg32)
-  state = train.create_train_state(fp32, cfg32, train.init_rng(0), mesh)
-  variables = eval_lib.variables_of(state)
+  fp32 = task_lib.build_task(cfg32)
+  state = task_lib.create_train_state(fp32, cfg32, task_lib.init_rng(0), mesh)
+  variables = task_lib.variables_of(state)
   image = next(pipeline.make_train_iterator(cfg))['image'][:1]
 
   def forward(detector):
@@ -66,14 +68,14 @@ def test_bfloat16_forward_is_close_to_float32():
 
 def test_bfloat16_trains_and_evaluates(tmp_path):
   cfg = bf16_config()
-  mesh = train.make_mesh()
-  detector = train.build(cfg)
-  state = train.create_train_state(detector, cfg, train.init_rng(cfg.seed), mesh)
+  mesh = sharding.make_mesh()
+  detector = task_lib.build_task(cfg)
+  state = task_lib.create_train_state(detector, cfg, task_lib.init_rng(cfg.seed), mesh)
   assert {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
           if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
 
   it = pipeline.make_train_iterator(cfg)
-  first = train.to_global_batch(next(it), mesh)
+  first = sharding.to_global_batch(next(it), mesh)
   step_fn = train.jit_train_step(detector, cfg, mesh, state).lower(
       state, first, jax.random.key(0)).compile(compiler_options=FAST_COMPILE)
   losses = []
@@ -82,19 +84,20 @@ def test_bfloat16_trains_and_evaluates(tmp_path):
     state, metrics = step_fn(state, batch, jax.random.key(step))
     assert metrics['loss'].dtype == jnp.float32
     losses.append(float(metrics['loss']))
-    batch = train.to_global_batch(next(it), mesh)
+    batch = sharding.to_global_batch(next(it), mesh)
   assert np.all(np.isfinite(losses)) and int(state.bad_step) == -1, losses
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
   assert np.mean(losses[-5:]) < 0.5 * losses[0], losses
 
-  evaluator = eval_lib.Evaluator(cfg, detector, mesh)
-  gts, dets = evaluator.collect(eval_lib.variables_of(state))
+  evaluator = eval_lib.Evaluator(cfg, task_lib.make_predict_fn(detector, cfg, mesh), mesh)
+  gts, dets = evaluator.collect(task_lib.variables_of(state))
   assert len(gts) == len(dets) == 2
   for det in dets:
     assert len(det['scores']) > 0
     assert det['scores'].dtype == np.float32 and det['boxes'].dtype == np.float32
     assert np.all(np.isfinite(det['scores'])) and np.all(np.isfinite(det['boxes']))
     assert np.all((det['scores'] > 0) & (det['scores'] <= 1))
-  results = evaluator.run(state, step=STEPS, workdir=str(tmp_path))
+  results = evaluator.run(task_lib.variables_of(state), step=STEPS,
+                          out_dir=str(tmp_path / 'eval' / f'step_{STEPS}'))
   assert 0.0 <= results['mAP'] <= 1.0
   assert (tmp_path / 'eval' / f'step_{STEPS}' / 'results.json').exists()

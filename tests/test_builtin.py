@@ -5,13 +5,13 @@ import hashlib
 import numpy as np
 import pytest
 
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 from smallssd_jax.datasets import builtin
 from smallssd_jax.datasets import sources
 
 
 def _cfg(**overrides):
-  cfg = presets.data().builtin
+  cfg = config_blocks.data().builtin
   cfg.update(overrides)
   return cfg
 
@@ -83,7 +83,7 @@ def test_every_class_appears_and_num_classes_is_respected():
 
 
 def test_source_interface():
-  data = presets.data()
+  data = config_blocks.data()
   data.builtin.num_test = 5
   src = sources.get_source(data, 'test')
   assert len(src) == 5
@@ -92,7 +92,7 @@ def test_source_interface():
   assert ex['image'].shape == (300, 300, 3)
   with pytest.raises(IndexError):
     src.record(5)
-  small = presets.data()
+  small = config_blocks.data()
   small.builtin.image_size = 96
   assert sources.get_source(small, 'train')[0]['image'].shape == (96, 96, 3)
 

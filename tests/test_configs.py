@@ -6,8 +6,8 @@ import pytest
 
 from smallssd_jax import anchors as anchors_lib
 from smallssd_jax import models
-from smallssd_jax import presets
-from smallssd_jax.config_lib import load_config
+from smallssd_jax import config_blocks
+from smallssd_jax.config_blocks import load_config
 
 CONFIGS = sorted(p for p in (pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
 
@@ -30,7 +30,7 @@ def test_config_docstring_holds_its_command(path):
 def test_full_config_priors_match_the_model(path):
   config = load_config(str(path))
   priors = anchors_lib.from_config(config.anchors)
-  assert priors.shape[0] == presets.anchor_count(config.anchors)
+  assert priors.shape[0] == anchors_lib.prior_count(config.anchors)
   module = models.build_detector(config.model, anchors_lib.anchors_per_location(config.anchors))
   models.check_anchor_count(module, config.model, priors.shape[0])   # eval_shape only
   assert config.model.num_classes >= 2
@@ -47,13 +47,13 @@ def test_runlocal_variant_is_small_and_self_contained(path):
 
 
 def test_parse_arg():
-  arg = presets.parse_arg('ssd,runlocal,width=0.5', model='dfssd', runlocal=False, width=0.125)
+  arg = config_blocks.parse_arg('ssd,runlocal,width=0.5', model='dfssd', runlocal=False, width=0.125)
   assert (arg.model, arg.runlocal, arg.width) == ('ssd', True, 0.5)
   with pytest.raises(ValueError, match='unknown'):
-    presets.parse_arg('depth=3', model='dfssd')
-  assert presets.parse_arg('runlocal=False', runlocal=True).runlocal is False
+    config_blocks.parse_arg('depth=3', model='dfssd')
+  assert config_blocks.parse_arg('runlocal=False', runlocal=True).runlocal is False
   with pytest.raises(ValueError, match='runlocal must be True or False'):
-    presets.parse_arg('runlocal=maybe', runlocal=False)
+    config_blocks.parse_arg('runlocal=maybe', runlocal=False)
 
 
 def test_default_config_rejects_unknown_model():

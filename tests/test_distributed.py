@@ -6,7 +6,7 @@ every case runs in fresh subprocesses, and this file is also their script:
 
 Which examples a step trains on. The global batch of step k is the same
 whatever the number of processes: `pipeline.make_train_iterator(config, p, n)`
-gives process p the p-th slice of it, and `train.to_global_batch` stacks the
+gives process p the p-th slice of it, and `sharding.to_global_batch` stacks the
 local batches in process order. So the single-process reference here is a
 plain one-process run of the same config.
 
@@ -60,11 +60,12 @@ PACKAGE_CPU_FLAG = '--xla_disable_hlo_passes=dot-library-rewriter'
 FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true'
 TIMEOUT = 900
 TIMING_KEYS = ('predict_seconds', 'metric_seconds')
+EVAL_RECORD = 'of_the_one_process_run'   # --mode=eval's record folder
 
 
 def tiny_config():
   """runlocal with deterministic data, a constant learning rate and a small evaluation."""
-  from smallssd_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.config_blocks import load_config  # pylint: disable=g-import-not-at-top
   cfg = load_config(CONFIG)
   # The model these tests were calibrated on: DF-SSD, plain VGG16, Xavier heads.
   cfg.model.backbone_batch_norm = False
@@ -104,7 +105,7 @@ def subprocess_env(xla_flags: str = '', **extra: str) -> dict[str, str]:
          if 'proxy' not in k.lower() and not k.startswith(('JAX_', 'XLA_', 'SMALLSSD_JAX_'))}
   env.update(
       JAX_PLATFORMS='cpu',
-      # Set without the package's own flag: importing the package must add it.
+      # Set without the package's own flag: the entry point must add it.
       XLA_FLAGS=' '.join(f for f in (xla_flags, FAST_COMPILE_FLAGS) if f),
       PYTHONUNBUFFERED='1',
   )
@@ -181,8 +182,10 @@ def assert_same_training(run_dir: pathlib.Path, reference_dir: pathlib.Path,
                                    err_msg=f'{name}: {k}')
 
 
-def eval_results(workdir: pathlib.Path) -> dict:
-  results = json.loads((workdir / 'eval' / f'step_{STEPS}' / 'results.json').read_text())
+def eval_results(workdir: pathlib.Path, record: str = '') -> dict:
+  """A run's own evaluation record of its last step, or that of `--mode=eval` named `record`."""
+  folder = workdir / 'eval' / record if record else workdir / 'eval'
+  results = json.loads((folder / f'step_{STEPS}' / 'results.json').read_text())
   return {k: v for k, v in results['results'].items() if k not in TIMING_KEYS}
 
 
@@ -214,7 +217,7 @@ def test_eight_devices_match_one_device(single):
   info = json.loads((single / 'info.json').read_text())
   flags = info['xla_flags'].split()
   assert EIGHT_DEVICES in flags and PACKAGE_CPU_FLAG in flags, (
-      'the package adds its CPU flag to an XLA_FLAGS that is already set')
+      'the entry point adds the package\'s CPU flag to an XLA_FLAGS that is already set')
   assert info['device_count'] == 8
   assert info['batch_shards'] == [[1, 300, 300, 3]] * 8       # one example per device
   assert info['params_replicated_on_8']
@@ -263,7 +266,7 @@ def test_two_processes_match_one_process(single, work):
     for k, v in one_process_final.items():
       np.testing.assert_array_equal(restored[k], v, err_msg=k)
   assert_same_detections(w3 / 'detections.npz', w1 / 'detections.npz')
-  assert eval_results(w3) == eval_results(w1)
+  assert eval_results(w3, EVAL_RECORD) == eval_results(w1)
   # ... and the 2-process one.
   assert_same_detections(w2 / 'restored' / 'detections.npz', w2 / 'detections.npz')
   two, one = eval_results(w2), eval_results(w2 / 'restored')
@@ -344,30 +347,32 @@ def role_single(out_dir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from smallssd_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   from smallssd_jax import evaluation as eval_lib  # pylint: disable=g-import-not-at-top
+  from smallssd_jax import sharding  # pylint: disable=g-import-not-at-top
+  from smallssd_jax import task as task_lib  # pylint: disable=g-import-not-at-top
   from smallssd_jax import train  # pylint: disable=g-import-not-at-top
 
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True)
   info = {'xla_flags': os.environ.get('XLA_FLAGS', ''), 'device_count': jax.device_count()}
   cfg = tiny_config()
-  detector = train.build(cfg)
+  detector = task_lib.build_task(cfg)
   batches = one_process_batches(cfg)
 
-  mesh1 = train.make_mesh(jax.devices()[:1])
+  mesh1 = sharding.make_mesh(jax.devices()[:1])
   with _timed('init'):
-    state = train.create_train_state(detector, cfg, train.init_rng(cfg.seed), mesh1)
+    state = task_lib.create_train_state(detector, cfg, task_lib.init_rng(cfg.seed), mesh1)
   initial = jax.device_get(state)
 
-  for n, mesh in ((1, mesh1), (8, train.make_mesh(jax.devices()))):
+  for n, mesh in ((1, mesh1), (8, sharding.make_mesh(jax.devices()))):
     run_dir = out / str(n)
     run_dir.mkdir()
     # The same starting point on both meshes, whatever the initialiser does.
-    state = jax.device_put(initial, train.replicated(mesh))
+    state = jax.device_put(initial, sharding.replicated(mesh))
     np.savez(run_dir / 'init.npz', **_state_arrays(state))
     step_fn = train.jit_train_step(detector, cfg, mesh, state)
     losses = []
     for i, local in enumerate(batches):
-      batch = train.to_global_batch(local, mesh)
+      batch = sharding.to_global_batch(local, mesh)
       if n == 8:
         info['batch_shards'] = [list(s.data.shape) for s in batch['image'].addressable_shards]
       with _timed(f'{n} devices: step {i + 1}'):
@@ -385,7 +390,8 @@ def role_single(out_dir: str) -> None:
       manager.wait_until_finished()
       record_detections(pathlib.Path(workdir, 'detections.npz'))
       with _timed('1 device: evaluate'):
-        eval_lib.Evaluator(cfg, detector, mesh).run(state, step=STEPS, workdir=workdir)
+        eval_lib.Evaluator(cfg, task_lib.make_predict_fn(detector, cfg, mesh), mesh).run(
+            task_lib.variables_of(state), step=STEPS, out_dir=f'{workdir}/eval/step_{STEPS}')
     else:
       info['params_replicated_on_8'] = all(
           len(leaf.addressable_shards) == 8 and all(
@@ -404,6 +410,8 @@ def role_worker(w1: str, w2: str, w3: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from smallssd_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   from smallssd_jax import runner  # pylint: disable=g-import-not-at-top
+  from smallssd_jax import sharding  # pylint: disable=g-import-not-at-top
+  from smallssd_jax import task as task_lib  # pylint: disable=g-import-not-at-top
   from smallssd_jax import train  # pylint: disable=g-import-not-at-top
 
   calls = count_metric_calls()
@@ -415,6 +423,7 @@ def role_worker(w1: str, w2: str, w3: str) -> None:
   record_detections(pathlib.Path(w3, 'detections.npz'))
   cfg = tiny_config()
   cfg.eval.checkpoint = w1
+  cfg.eval.name = EVAL_RECORD
   with _timed('evaluate the 1-process checkpoint'):
     results.append(runner.run(cfg, w3, 'eval'))
   results = [{k: None if v != v else v for k, v in r.items()} for r in results]  # NaN: no AP
@@ -422,8 +431,8 @@ def role_worker(w1: str, w2: str, w3: str) -> None:
       {'metric_calls': len(calls), 'results': results}))
   # The raw restore, for an exact comparison of the variables.
   cfg = tiny_config()
-  mesh = train.make_mesh()
-  abstract = train.abstract_train_state(train.build(cfg), cfg, mesh)
+  mesh = sharding.make_mesh()
+  abstract = task_lib.abstract_train_state(task_lib.build_task(cfg), cfg, mesh)
   state, step = ckpt_lib.restore_variables(w1, abstract)
   assert step == STEPS
   pid = jax.process_index()
@@ -439,6 +448,8 @@ def role_restore(w2: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from smallssd_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   from smallssd_jax import evaluation as eval_lib  # pylint: disable=g-import-not-at-top
+  from smallssd_jax import sharding  # pylint: disable=g-import-not-at-top
+  from smallssd_jax import task as task_lib  # pylint: disable=g-import-not-at-top
   from smallssd_jax import train  # pylint: disable=g-import-not-at-top
 
   assert jax.process_count() == 1
@@ -446,16 +457,17 @@ def role_restore(w2: str) -> None:
   out.mkdir()
   cfg = tiny_config()
   # One device, as the `single` role evaluated on: its compiled programs are reused.
-  mesh = train.make_mesh(jax.devices()[:1])
-  detector = train.build(cfg)
-  abstract = train.abstract_train_state(detector, cfg, mesh)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  detector = task_lib.build_task(cfg)
+  abstract = task_lib.abstract_train_state(detector, cfg, mesh)
   state, step = ckpt_lib.restore_variables(w2, abstract)
   assert step == STEPS
   np.savez(out / 'final.npz', **_state_arrays(state))
   np.savez(out / 'step1.npz', **_state_arrays(ckpt_lib.restore_variables(w2, abstract, 1)[0]))
   record_detections(out / 'detections.npz')
   with _timed('evaluate'):
-    eval_lib.Evaluator(cfg, detector, mesh).run(state, step=step, workdir=str(out))
+    eval_lib.Evaluator(cfg, task_lib.make_predict_fn(detector, cfg, mesh), mesh).run(
+        task_lib.variables_of(state), step=step, out_dir=f'{out}/eval/step_{step}')
 
   # Resume the 2-process run at step 1 on one process: the full state, and the
   # data iterator rebuilt at that step.
@@ -465,7 +477,7 @@ def role_restore(w2: str) -> None:
   assert int(state.step) == 1
   step_fn = train.jit_train_step(detector, cfg, mesh, state)
   for i, local in enumerate(one_process_batches(cfg, start_step=1), start=1):
-    state, _ = step_fn(state, train.to_global_batch(local, mesh), jax.random.key(i))
+    state, _ = step_fn(state, sharding.to_global_batch(local, mesh), jax.random.key(i))
   np.savez(out / 'final.npz', **_state_arrays(state))
 
 
@@ -474,7 +486,8 @@ ROLES = {'single': role_single, 'worker': role_worker, 'restore': role_restore}
 
 def main(argv: list[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  import smallssd_jax  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  import smallssd_jax  # pylint: disable=g-import-not-at-top
+  smallssd_jax.apply_cpu_xla_defaults()     # as the command-line entry points do
   flags.FLAGS.mark_as_parsed()
   ROLES[argv[0]](*argv[1:])
 

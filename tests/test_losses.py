@@ -13,7 +13,7 @@ import pytest
 from smallssd_jax import anchors as anchor_lib
 from smallssd_jax import losses
 from smallssd_jax import matching
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 
 B, M, C = 3, 8, 6
 ANCHORS = anchor_lib.ssd_anchors([6, 3, 1], [[2], [2], [2]], scales=[0.15, 0.35, 0.6, 0.9])
@@ -21,7 +21,7 @@ A = len(ANCHORS)
 
 
 def _loss_cfg(**kw):
-  cfg = presets.ssd_loss()
+  cfg = config_blocks.multibox_loss()
   cfg.arm_filter_threshold = 0.99
   cfg.negative_anchor_filter = True
   cfg.update(kw)

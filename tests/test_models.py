@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smallssd_jax import presets
+from smallssd_jax import anchors as anchor_lib
+from smallssd_jax import config_blocks
 from smallssd_jax.models import detector
 from smallssd_jax.models import heads
 from smallssd_jax.models import layers
@@ -129,7 +130,7 @@ PAPER_CONFIGS = [
 @pytest.mark.parametrize('name,size,num_anchors,sizes', PAPER_CONFIGS,
                          ids=[f'{n}{s}' for n, s, _, _ in PAPER_CONFIGS])
 def test_paper_configurations_by_shape(name, size, num_anchors, sizes):
-  preset = presets.MODELS[name](size)
+  preset = config_blocks.MODELS[name](size)
   module = build(preset)
   out = models.output_shapes(module, batch=2)
   assert out['cls_logits'].shape == (2, num_anchors, 21)
@@ -140,7 +141,7 @@ def test_paper_configurations_by_shape(name, size, num_anchors, sizes):
     assert out['arm_deltas'].shape == (2, num_anchors, 4)
   else:
     assert set(out) == {'cls_logits', 'box_deltas'}
-  assert presets.anchor_count(preset.anchors) == num_anchors
+  assert anchor_lib.prior_count(preset.anchors) == num_anchors
   pyramid = models.feature_map_shapes(module)['pyramid']
   assert [s[0] for s in pyramid] == sizes == list(preset.anchors.feature_maps)
   variables = models.abstract_variables(module)
@@ -154,7 +155,7 @@ def test_ssd300_has_torchvision_parameter_count():
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
-  module = build(presets.skipfpn_model(320), dtype='bfloat16', width=0.25)
+  module = build(config_blocks.skipfpn_model(320), dtype='bfloat16', width=0.25)
   variables = models.abstract_variables(module)
   assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
   out = models.output_shapes(module)
@@ -162,7 +163,7 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
 
 
 def test_dfssd_options_by_shape():
-  preset = presets.dfssd_model(300)
+  preset = config_blocks.dfssd_model(300)
   preset.model.dfssd.update(fusion='learned', fuse_levels='all', pool='max')
   module = build(preset, width=1 / 16)
   out = models.output_shapes(module)
@@ -177,9 +178,9 @@ def test_dfssd_options_by_shape():
 
 
 def test_backbone_batch_norm_replaces_every_bias_with_bn():
-  preset = presets.ssd_model(300)
+  preset = config_blocks.ssd_model(300)
   plain = models.abstract_variables(build(preset, width=1 / 16))
-  module = build(presets.ssd_model(300), width=1 / 16, backbone_batch_norm=True)
+  module = build(config_blocks.ssd_model(300), width=1 / 16, backbone_batch_norm=True)
   variables = models.abstract_variables(module)
   convs = plain['params']['backbone']
   with_bn = variables['params']['backbone']
@@ -222,7 +223,7 @@ def test_head_init_small_or_xavier(head_cls):
 
 def test_skipfpn_odd_input_size_and_full_skip_depth():
   # 300 -> 38, 19, 9, 5: the 2x / 4x / 8x upsampled maps are cropped or padded.
-  preset = presets.skipfpn_model(300)
+  preset = config_blocks.skipfpn_model(300)
   preset.model.skipfpn.skip_depth = 3
   module = build(preset, width=1 / 16)
   assert [s[0] for s in models.feature_map_shapes(module)['pyramid']] == [38, 19, 9, 5]
@@ -232,7 +233,7 @@ def test_skipfpn_odd_input_size_and_full_skip_depth():
 
 
 def test_check_anchor_count_names_the_feature_sizes():
-  preset = presets.ssd_model(300)
+  preset = config_blocks.ssd_model(300)
   module = build(preset, width=1 / 16)
   models.check_anchor_count(module, preset.model, 8732)
   with pytest.raises(ValueError, match=r'8732.*\(38, 38\), \(19, 19\).*8000'):
@@ -241,10 +242,10 @@ def test_check_anchor_count_names_the_feature_sizes():
 
 def test_configuration_errors_are_clear():
   with pytest.raises(ValueError, match='unknown model.neck'):
-    build(presets.ssd_model(300), neck='fpn')
+    build(config_blocks.ssd_model(300), neck='fpn')
   with pytest.raises(ValueError, match='anchors per location are given for 5 levels'):
-    models.output_shapes(models.build_detector(presets.ssd_model(300).model, [4] * 5))
-  module = build(presets.ssd_model(300), width=1 / 16)
+    models.output_shapes(models.build_detector(config_blocks.ssd_model(300).model, [4] * 5))
+  module = build(config_blocks.ssd_model(300), width=1 / 16)
   with pytest.raises(ValueError, match=r'images must be \[B, 300, 300, 3\]'):
     jax.eval_shape(lambda x: module.init(jax.random.key(0), x),
                    jax.ShapeDtypeStruct((1, 320, 320, 3), jnp.float32))
@@ -252,11 +253,11 @@ def test_configuration_errors_are_clear():
 
 TINY = [
     # (id, preset, input size, extra settings)
-    ('ssd300', lambda: presets.ssd_model(300), 300, {}),
-    ('ssd300_backbone_bn', lambda: presets.ssd_model(300), 300, {'backbone_batch_norm': True}),
-    ('dfssd300', lambda: presets.dfssd_model(300), 300, {'fusion': 'learned', 'pool': 'max'}),
+    ('ssd300', lambda: config_blocks.ssd_model(300), 300, {}),
+    ('ssd300_backbone_bn', lambda: config_blocks.ssd_model(300), 300, {'backbone_batch_norm': True}),
+    ('dfssd300', lambda: config_blocks.dfssd_model(300), 300, {'fusion': 'learned', 'pool': 'max'}),
     # An odd size exercises the crop / pad of the upsampled maps (25, 12, 6, 3).
-    ('skipfpn', lambda: presets.skipfpn_model(320), 200, {'grf_levels': [0]}),
+    ('skipfpn', lambda: config_blocks.skipfpn_model(320), 200, {'grf_levels': [0]}),
 ]
 
 
@@ -540,17 +541,17 @@ def test_batch_norm_averages_statistics_over_the_axis():
 
 
 def test_registry_names_match_presets():
-  for make in presets.MODELS.values():
+  for make in config_blocks.MODELS.values():
     model = make().model
     assert model.backbone in detector.BACKBONES
     assert model.neck in detector.NECKS
     assert model.head in detector.HEADS
-  assert isinstance(build(presets.ssd_model(300)), nn.Module)
+  assert isinstance(build(config_blocks.ssd_model(300)), nn.Module)
 
 
 def test_summary_reports_levels_priors_params_and_flops():
   from smallssd_jax import summary  # pylint: disable=g-import-not-at-top
-  preset = presets.dfssd_model(300)
+  preset = config_blocks.dfssd_model(300)
   preset.model.width = 1 / 16
   text = summary.summarize(preset, flops=True)
   assert 'fused' in text and '38 x 38 x 16' in text and '12996' in text

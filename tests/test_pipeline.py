@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 from smallssd_jax.datasets import __main__ as audit_tool
 from smallssd_jax.datasets import bench
 from smallssd_jax.datasets import pipeline
@@ -17,7 +17,7 @@ SIZE = 64
 
 
 def _config(seed=0, batch_size=4, **data):
-  cfg = presets.base_config(presets.dfssd_model(300, num_classes=7))
+  cfg = config_blocks.base_config(config_blocks.dfssd_model(300, num_classes=7))
   cfg.model.input_size = SIZE   # the pipeline only needs the input size
   cfg.seed = seed
   cfg.batch_size = batch_size
@@ -43,7 +43,7 @@ def _same(a, b):
 @pytest.mark.parametrize('on_device', [True, False])
 def test_train_batch_contract(on_device):
   batch = next(pipeline.make_train_iterator(_config(pixels_on_device=on_device)))
-  m = presets.data().max_boxes
+  m = config_blocks.data().max_boxes
   expect = {'image': ((4, SIZE, SIZE, 3), np.uint8 if on_device else np.float32),
             'boxes': ((4, m, 4), np.float32),
             'labels': ((4, m), np.int32), 'mask': ((4, m), np.bool_),
@@ -169,7 +169,7 @@ def _voc_with_a_bad_image(tmp_path, how):
 
 
 def _voc_config(root, **data):
-  cfg = presets.base_config(presets.ssd_model(300, num_classes=21))
+  cfg = config_blocks.base_config(config_blocks.ssd_model(300, num_classes=21))
   cfg.model.input_size = SIZE
   cfg.batch_size = 2
   cfg.eval.batch_size = 2
@@ -224,9 +224,9 @@ def test_audit_command_line(tmp_path):
   root = _voc_with_a_bad_image(tmp_path / 'data', 'truncated')
   config_file = tmp_path / 'voc_config.py'
   config_file.write_text(
-      'from smallssd_jax import presets\n\n\n'
+      'from smallssd_jax import config_blocks\n\n\n'
       'def get_config():\n'
-      '  cfg = presets.base_config(presets.ssd_model(300, num_classes=21))\n'
+      '  cfg = config_blocks.base_config(config_blocks.ssd_model(300, num_classes=21))\n'
       "  cfg.data.name = 'voc'\n"
       "  cfg.data.train_split = 'VOC2007/trainval'\n"
       '  return cfg\n')

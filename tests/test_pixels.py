@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from smallssd_jax import pixels
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 from smallssd_jax.datasets import augment
 from smallssd_jax.datasets import pipeline
 
@@ -127,7 +127,7 @@ def test_normalize_matches_the_host(bgr, std):
 
 
 def _config(on_device):
-  cfg = presets.base_config(presets.ssd_model(300, num_classes=7))
+  cfg = config_blocks.base_config(config_blocks.ssd_model(300, num_classes=7))
   cfg.model.input_size = SIZE
   cfg.batch_size = 8
   cfg.data.builtin.image_size = 64

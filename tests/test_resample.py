@@ -8,12 +8,13 @@ import pytest
 from PIL import Image
 
 from smallssd_jax import pixels
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 from smallssd_jax import train
-from smallssd_jax.config_lib import load_config
+from smallssd_jax.config_blocks import load_config
 from smallssd_jax.datasets import augment
 from smallssd_jax.datasets import pipeline
 from smallssd_jax.datasets import records
+from smallssd_jax import task as task_lib
 
 FILL = (123.0, 117.0, 104.0)
 
@@ -135,7 +136,7 @@ def test_a_source_larger_than_the_canvas_is_shrunk_to_fit(caplog):
 
 
 def _config(resample_on_device, **builtin):
-  cfg = presets.base_config(presets.ssd_model(300, num_classes=7))
+  cfg = config_blocks.base_config(config_blocks.ssd_model(300, num_classes=7))
   cfg.model.input_size = 48
   cfg.batch_size = 8
   cfg.data.builtin.image_size = 64
@@ -184,7 +185,7 @@ def test_the_train_step_takes_source_batches():
   assert 'window' not in host and source['image'].shape == host['image'].shape
   host['window'] = np.tile(np.array([0, 0, 1, 1], np.float32), (2, 1))
   host['source_size'] = np.full((2, 2), size, np.int32)
-  detector = train.build(cfg)
+  detector = task_lib.build_task(cfg)
   variables = detector.module.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32),
                                    train=False)
   loss_fn = jax.jit(lambda b: train.loss_fn(detector, cfg.loss, variables['params'],

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 from smallssd_jax.datasets import augment
 from smallssd_jax.datasets import coco
 from smallssd_jax.datasets import kitti
@@ -87,7 +87,7 @@ def test_voc_union_split_and_plain_split(tmp_path):
   write_voc(str(tmp_path), 'VOC2007', {'000001': (img, _voc_object('cat', (1, 1, 10, 10)))})
   write_voc(str(tmp_path), 'VOC2007', {'000003': (img, '')}, split='test')
   write_voc(str(tmp_path), 'VOC2012', {'2008_000001': (img, ''), '2008_000002': (img, '')})
-  data = presets.data('voc', root=str(tmp_path))
+  data = config_blocks.data('voc', root=str(tmp_path))
   union = sources.get_source(data, 'VOC2007/trainval+VOC2012/trainval')
   assert len(union) == 3
   assert [union.record(i)['image_id'] for i in range(3)] == [0, 1, 2]
@@ -95,7 +95,7 @@ def test_voc_union_split_and_plain_split(tmp_path):
   assert len(sources.get_source(data, 'test')) == 1  # only VOC2007 has test.txt
   with pytest.raises(ValueError, match='ambiguous'):
     sources.get_source(data, 'trainval')
-  year_root = presets.data('voc', root=str(tmp_path / 'VOC2012'))
+  year_root = config_blocks.data('voc', root=str(tmp_path / 'VOC2012'))
   assert len(sources.get_source(year_root, 'trainval')) == 2
   with pytest.raises(FileNotFoundError, match='split file'):
     sources.get_source(data, 'VOC2007/val')
@@ -179,7 +179,7 @@ def test_more_objects_than_max_boxes(tmp_path):
   img = _jpeg_bytes(_rgb())
   objects = ''.join(_voc_object('dog', (2 + i, 2, 10 + i, 10)) for i in range(5))
   src = _bad_voc(tmp_path, {'000001': (img, objects)})
-  ops = augment.eval_ops(presets.data(), 32)
+  ops = augment.eval_ops(config_blocks.data(), 32)
   loader = pipeline.ExampleLoader(src, ops, 4, 'error')
   with pytest.raises(records.BadExampleError, match='5 objects, more than data.max_boxes=4') as e:
     loader(0, None)
@@ -246,7 +246,7 @@ def test_kitti_split_is_deterministic_and_disjoint(tmp_path):
   assert len(val) == 10 and len(train) == 40 and not set(train) & set(val)
   assert kitti.KittiSource(str(tmp_path), 'val', 0.2).ids == val
   assert kitti.KittiSource(str(tmp_path), 'test', 0.2).ids == val  # alias: no labelled test set
-  data = presets.data('kitti', root=str(tmp_path))
+  data = config_blocks.data('kitti', root=str(tmp_path))
   assert len(sources.get_source(data, 'train')) == 40
 
 
@@ -294,7 +294,7 @@ def test_coco_reader_maps_categories_and_crowd(tmp_path):
   }
   os.makedirs(tmp_path / 'annotations')
   (tmp_path / 'annotations' / 'instances_val2017.json').write_text(json.dumps(ann))
-  data = presets.data('coco', root=str(tmp_path))
+  data = config_blocks.data('coco', root=str(tmp_path))
   src = sources.get_source(data, 'val')
   assert src.class_names == ('person', 'airplane', 'toothbrush')
   assert src.category_ids == (1, 5, 90)
@@ -305,7 +305,7 @@ def test_coco_reader_maps_categories_and_crowd(tmp_path):
   np.testing.assert_array_equal(ex['ignore'], [False, True])
   np.testing.assert_allclose(ex['boxes'][0], [20 / 60, 10 / 80, 30 / 60, 40 / 80], atol=1e-6)
   assert any('dropped 1' in p for p in ex['problems'])  # the zero-width box
-  assert sources.class_names(presets.data('coco', root=str(tmp_path), eval_split='val2017')) == (
+  assert sources.class_names(config_blocks.data('coco', root=str(tmp_path), eval_split='val2017')) == (
       'person', 'airplane', 'toothbrush')
   assert coco.coco_paths('/x', 'train')[0].endswith('instances_train2017.json')
 
@@ -382,15 +382,15 @@ def test_tfds_voc_records():
                     reason='TensorFlow installed: tfds coco is available')
 def test_tfds_coco_without_tensorflow_points_at_native_reader():
   with pytest.raises(ImportError, match='natively'):
-    sources.get_source(presets.data('coco'), 'validation')
+    sources.get_source(config_blocks.data('coco'), 'validation')
 
 
 def test_unprepared_tfds_data_names_the_fix(tmp_path):
-  data = presets.data('kitti', tfds_data_dir=str(tmp_path))
+  data = config_blocks.data('kitti', tfds_data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match='tfds build kitti'):
     sources.get_source(data, 'train')
 
 
 def test_unknown_dataset_name():
   with pytest.raises(ValueError, match='unknown data.name'):
-    sources.get_source(presets.data('imagenet'), 'train')
+    sources.get_source(config_blocks.data('imagenet'), 'train')

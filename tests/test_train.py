@@ -21,10 +21,14 @@ import pytest
 from PIL import Image
 
 from smallssd_jax import checkpoints as ckpt_lib
+from smallssd_jax import errors
 from smallssd_jax import runner
 from smallssd_jax import train
-from smallssd_jax.config_lib import load_config
+from smallssd_jax.config_blocks import load_config
 from smallssd_jax.datasets import pipeline
+from smallssd_jax import sharding
+from smallssd_jax import task as task_lib
+from smallssd_jax import optim as optim_lib
 
 CONFIG = str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py') + ':model=dfssd,runlocal'
 STEPS = 4
@@ -73,9 +77,9 @@ def tiny_config():
 def template():
   """A TrainState of the right structure, to restore checkpoints into."""
   cfg = tiny_config()
-  mesh = train.make_mesh()
-  detector = train.build(cfg)
-  return cfg, detector, mesh, train.create_train_state(detector, cfg, train.init_rng(cfg.seed), mesh)
+  mesh = sharding.make_mesh()
+  detector = task_lib.build_task(cfg)
+  return cfg, detector, mesh, task_lib.create_train_state(detector, cfg, task_lib.init_rng(cfg.seed), mesh)
 
 
 def saved_steps(workdir):
@@ -156,11 +160,13 @@ def test_train_eval_detect_end_to_end(straight_run, template, tmp_path):
   (folder / 'notes.txt').write_text('not an image')
   cfg = tiny_config()
   cfg.detect.input = str(folder)
-  records = runner.run(cfg, workdir, 'detect')['detections']
+  detected = runner.run(cfg, workdir, 'detect')
+  records, out = detected['detections'], pathlib.Path(detected['out_dir'])
+  assert out.parent == wd / 'detect' and out != wd / 'detect'   # its own record folder
   assert [pathlib.Path(r['image']).name for r in records] == ['img0.png', 'img1.png']
-  assert json.loads((wd / 'detect' / 'detections.json').read_text()) == records
+  assert json.loads((out / 'detections.json').read_text()) == records
   for i, record in enumerate(records):
-    picture = Image.open(wd / 'detect' / f'img{i}.png')
+    picture = Image.open(out / f'img{i}.png')
     h, w = source[i]['image'].shape[:2]
     assert picture.size == (w, h)
     assert record['detections'], 'score_threshold=0 keeps every valid detection'
@@ -208,7 +214,7 @@ def test_loss_decreases_when_overfitting_a_few_images(template):
   rng = jax.random.key(0)
   history = []
   for _ in range(20):
-    state, metrics = step_fn(state, train.to_global_batch(next(batches), mesh), rng)
+    state, metrics = step_fn(state, sharding.to_global_batch(next(batches), mesh), rng)
     history.append(float(metrics['loss']))
   assert np.all(np.isfinite(history)) and int(state.bad_step) == -1
   first, last = np.mean(history[:5]), np.mean(history[-5:])
@@ -225,7 +231,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
   workdir, _ = straight_run
   _, _, _, state0 = template
   calls = []
-  to_global_batch = train.to_global_batch
+  to_global_batch = sharding.to_global_batch
 
   def poison_third_batch(local, mesh):
     calls.append(1)
@@ -234,7 +240,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
       local = dict(local, image=np.full(local['image'].shape, np.nan, np.float32))
     return to_global_batch(local, mesh)
 
-  monkeypatch.setattr(train, 'to_global_batch', poison_third_batch)
+  monkeypatch.setattr(sharding, 'to_global_batch', poison_third_batch)
   cfg = tiny_config()
   cfg.num_train_steps = 6
   cfg.log_every_steps = 4   # found late: the steps after the bad one must not have moved the state
@@ -248,12 +254,13 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
   assert_trees_equal(good.params, load_state(workdir, 2, state0).params)
 
 
-def test_sigterm_saves_a_checkpoint_and_returns(straight_run, template, tmp_path, monkeypatch):
+def test_sigterm_saves_a_checkpoint_and_stops_with_its_status(straight_run, template, tmp_path,
+                                                              monkeypatch):
   workdir, _ = straight_run
   _, _, _, state0 = template
   unhandled = []
   calls = []
-  to_global_batch = train.to_global_batch
+  to_global_batch = sharding.to_global_batch
 
   def terminate_during_second_step(local, mesh):
     calls.append(1)
@@ -261,16 +268,19 @@ def test_sigterm_saves_a_checkpoint_and_returns(straight_run, template, tmp_path
       signal.raise_signal(signal.SIGTERM)
     return to_global_batch(local, mesh)
 
-  monkeypatch.setattr(train, 'to_global_batch', terminate_during_second_step)
+  monkeypatch.setattr(sharding, 'to_global_batch', terminate_during_second_step)
   fallback = lambda signum, frame: unhandled.append(signum)
   previous = signal.signal(signal.SIGTERM, fallback)
   try:
-    results = train.train_and_evaluate(tiny_config(), str(tmp_path))
+    # Not a finished run: no evaluation, and an error with the "stopped" exit status.
+    with pytest.raises(errors.StoppedOnRequest, match='stopped at step 2 of'):
+      train.train_and_evaluate(tiny_config(), str(tmp_path))
     assert signal.getsignal(signal.SIGTERM) is fallback, 'the previous handler is restored'
   finally:
     signal.signal(signal.SIGTERM, previous)
   assert not unhandled
-  assert results == {}
+  assert errors.StoppedOnRequest.exit_code == 4
+  assert not (tmp_path / 'eval').exists()
   assert len(calls) == 2
   assert saved_steps(tmp_path) == [2]
   stopped = load_state(tmp_path, 2, state0)
@@ -289,11 +299,11 @@ def test_init_from_another_run_starts_at_step_zero_with_its_params(straight_run,
   cfg.init_from = workdir
   # Fine-tuning with another optimizer: only the model may be read from the other run.
   cfg.optim.grad_clip_norm = 0.0
-  tx = train.make_optimizer(cfg.optim)
+  tx = optim_lib.make_optimizer(cfg.optim, cfg.num_train_steps)
   fresh = state0.replace(opt_state=tx.init(state0.params), tx=tx)
   assert jax.tree.structure(fresh.opt_state) != jax.tree.structure(state0.opt_state)
   manager = ckpt_lib.make_manager(str(tmp_path), cfg)
-  state, how = ckpt_lib.restore_or_initialize(manager, fresh, cfg, detector)
+  state, how = ckpt_lib.restore_or_initialize(manager, fresh, cfg)
   assert how == f'initialised from {workdir} step {STEPS}'
   assert int(state.step) == 0 and int(state.bad_step) == -1
   source = load_state(workdir, STEPS, state0)
@@ -305,7 +315,7 @@ def test_init_from_another_run_starts_at_step_zero_with_its_params(straight_run,
 
   # Once this workdir has its own checkpoint, resuming wins over init_from.
   ckpt_lib.save(manager, 1, state.replace(step=state.step + 1))
-  again, how = ckpt_lib.restore_or_initialize(manager, fresh, cfg, detector)
+  again, how = ckpt_lib.restore_or_initialize(manager, fresh, cfg)
   assert how == 'resumed from step 1' and int(again.step) == 1
 
 
@@ -322,19 +332,27 @@ def test_keeps_the_last_n_and_the_best_map(tmp_path):
     return train.TrainState(step=jnp.int32(step), params=p, batch_stats={'m': jnp.ones(2)},
                             opt_state=tx.init(p), bad_step=jnp.int32(-1), tx=tx)
 
+  def save_then_evaluate(manager, step, m=None):
+    # As the trainer does: the checkpoint first, then the evaluation's record.
+    ckpt_lib.save(manager, step, state_at(step))
+    if m is not None:
+      record = tmp_path / 'eval' / f'step_{step}'
+      record.mkdir(parents=True)
+      (record / 'results.json').write_text(json.dumps({'step': step, 'results': {'mAP': m}}))
+
   maps = {1: 0.10, 2: 0.70, 3: 0.30, 4: 0.05, 5: 0.40, 6: 0.50}
   manager = ckpt_lib.make_manager(str(tmp_path), cfg)
   for step, m in maps.items():
-    ckpt_lib.save(manager, step, state_at(step), {'mAP': m, 'APs': 0.0})
+    save_then_evaluate(manager, step, m)
   manager.wait_until_finished()
   assert manager.all_steps() == [2, 5, 6]   # the highest mAP, not the lowest (step 4)
 
   # A restarted run (a new manager) still knows the metrics of the old checkpoints;
   # checkpoints without an evaluation only count towards the last N.
   manager = ckpt_lib.make_manager(str(tmp_path), cfg)
-  ckpt_lib.save(manager, 7, state_at(7), {'mAP': 0.60})
-  ckpt_lib.save(manager, 8, state_at(8))
-  ckpt_lib.save(manager, 9, state_at(9))
+  save_then_evaluate(manager, 7, 0.60)
+  save_then_evaluate(manager, 8)
+  save_then_evaluate(manager, 9)
   manager.wait_until_finished()
   assert manager.all_steps() == [2, 8, 9]
   template_state = state_at(0)

@@ -19,7 +19,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from smallssd_jax import models
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 from smallssd_jax import weights
 from smallssd_jax.models import layers
 
@@ -216,8 +216,8 @@ def torchvision_vgg16_state(width, seed=0):
   return random_state(shapes, seed)
 
 
-@pytest.mark.parametrize('make', [lambda: presets.ssd_model(300),
-                                  lambda: presets.skipfpn_model(320)], ids=['ssd', 'refinedet'])
+@pytest.mark.parametrize('make', [lambda: config_blocks.ssd_model(300),
+                                  lambda: config_blocks.skipfpn_model(320)], ids=['ssd', 'refinedet'])
 def test_vgg16_conversion_places_and_decimates(tmp_path, make):
   state = torchvision_vgg16_state(TINY)
   abstract = models.abstract_variables(tiny_model(make()))['params']
@@ -254,7 +254,7 @@ def test_reduced_fc_vgg16_conversion(tmp_path):
   shapes.update(_conv_shapes('31', c(1024), c(512), 3))
   shapes.update(_conv_shapes('33', c(1024), c(1024), 1))
   state = random_state(shapes)
-  abstract = models.abstract_variables(tiny_model(presets.ssd_model(300)))['params']
+  abstract = models.abstract_variables(tiny_model(config_blocks.ssd_model(300)))['params']
   backbone = weights.convert_reduced_fc_vgg16(
       weights.read_state_dict(save_npz(tmp_path, state)), abstract)['backbone']
   np.testing.assert_array_equal(backbone['fc6']['kernel'], state['31.weight'].transpose(2, 3, 1, 0))
@@ -272,19 +272,19 @@ def test_load_pretrained_detects_the_format_and_reports(tmp_path):
   ssd_state = random_state(torchvision_ssd300_shapes(TINY, 5))
   path = save_npz(tmp_path, ssd_state)
 
-  ssd = models.abstract_variables(tiny_model(presets.ssd_model(300)))['params']
-  params, report = weights.load_pretrained(path, ssd, presets.ssd_model(300).model)
+  ssd = models.abstract_variables(tiny_model(config_blocks.ssd_model(300)))['params']
+  params, report = weights.load_pretrained(path, ssd, config_blocks.ssd_model(300).model)
   assert 'extra layers' in report and 'left at init: SSD heads' in report
   np.testing.assert_array_equal(params['backbone']['conv8_2']['kernel'],
                                 ssd_state['backbone.extra.1.2.weight'].transpose(2, 3, 1, 0))
   assert isinstance(params['head']['classification']['level0']['kernel'], jax.ShapeDtypeStruct)
 
-  same_classes = models.abstract_variables(tiny_model(presets.ssd_model(300), 5))['params']
+  same_classes = models.abstract_variables(tiny_model(config_blocks.ssd_model(300), 5))['params']
   params, report = weights.load_pretrained(path, same_classes)
   assert 'left at init' not in report
   assert not any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(params))
 
-  skipfpn = models.abstract_variables(tiny_model(presets.skipfpn_model(320)))['params']
+  skipfpn = models.abstract_variables(tiny_model(config_blocks.skipfpn_model(320)))['params']
   params, report = weights.load_pretrained(path, skipfpn)
   assert 'left at init: extra layers' in report
   np.testing.assert_array_equal(params['backbone']['l2norm_conv4_3']['scale'],
@@ -294,7 +294,7 @@ def test_load_pretrained_detects_the_format_and_reports(tmp_path):
   assert 'torchvision vgg16' in report
   with pytest.raises(ValueError, match='unrecognised state dict'):
     weights.load_pretrained({'conv.weight': np.zeros(3)}, ssd)
-  bn_model = presets.ssd_model(300).model
+  bn_model = config_blocks.ssd_model(300).model
   bn_model.backbone_batch_norm = True
   with pytest.raises(ValueError, match=r"'.*weights\.npz'.*backbone_batch_norm=True.*no BatchNorm"):
     weights.load_pretrained(path, ssd, bn_model)
@@ -303,8 +303,23 @@ def test_load_pretrained_detects_the_format_and_reports(tmp_path):
 def test_pth_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
   # A None entry makes `import torch` raise ImportError whether or not torch is installed.
   monkeypatch.setitem(sys.modules, 'torch', None)
+  (tmp_path / 'vgg16.pth').write_bytes(b'a file torch would read')
   with pytest.raises(ImportError, match=r'smallssd-jax\[convert\]'):
     weights.read_state_dict(tmp_path / 'vgg16.pth')
+
+
+def test_weight_files_that_are_missing_or_not_arrays_are_named(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  with pytest.raises(FileNotFoundError, match=r'missing\.pth does not exist'):
+    weights.read_state_dict(tmp_path / 'missing.pth')
+  (tmp_path / 'broken.npz').write_bytes(b'PK\x03\x04 not really a zip')
+  with pytest.raises(ValueError, match=r'broken\.npz is not a readable \.npz'):
+    weights.read_state_dict(tmp_path / 'broken.npz')
+  np.save(tmp_path / 'objects.npy', np.array([{'a': 1}], dtype=object))
+  with open(tmp_path / 'objects.npz', 'wb') as f:
+    np.savez(f, w=np.array([{'a': 1}], dtype=object))
+  with pytest.raises(ValueError, match=r'objects\.npz is not a readable \.npz'):
+    weights.read_state_dict(tmp_path / 'objects.npz')
 
 
 def test_equivalence_with_torchvision_ssd300():

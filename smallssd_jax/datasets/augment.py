@@ -26,7 +26,7 @@ Photometric distortion is pointwise, so it commutes with the geometry: the
 `photometric` op samples Caffe's parameters where it stands in the list and
 they are applied to the (much smaller) resampled image, on the pixels that
 come from the image only, so the zoom-out fill stays the undistorted mean
-colour as in Caffe. With `data.pixels_on_device` (the presets' default) the
+colour as in Caffe. With `data.pixels_on_device` (the default) the
 draw travels with the uint8 batch and the jitted step applies it and
 normalises (pixels.py); otherwise `resize` applies it here and `normalize`
 makes the float32 input on the host. The arithmetic is Caffe's on 8-bit

@@ -28,7 +28,7 @@ from absl import flags
 import numpy as np
 from PIL import Image, ImageDraw
 
-from smallssd_jax import presets
+from smallssd_jax import config_blocks
 from smallssd_jax.datasets import augment
 from smallssd_jax.datasets import pipeline
 from smallssd_jax.datasets import sources
@@ -82,7 +82,7 @@ def _rate(count: int, seconds: float) -> str:
 
 def run(root: str, workers: list[int], batches: int, batch_size: int,
         read_threads: int) -> None:
-  config = presets.base_config(presets.ssd_model(300, num_classes=21))
+  config = config_blocks.base_config(config_blocks.ssd_model(300, num_classes=21))
   config.data.name = 'voc'
   config.data.root = root
   config.data.train_split = 'VOC2007/trainval'

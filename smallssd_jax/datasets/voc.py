@@ -25,6 +25,9 @@ VOC_CLASSES = (
     'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person',
     'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor',
 )
+
+# The papers' small-object VOC classes (the DF-SSD tables; docs/design.md §4, §6).
+SMALL_OBJECT_CLASSES = ('boat', 'bottle', 'chair', 'pottedplant', 'tvmonitor', 'bird')
 _CLASS_TO_LABEL = {name: i + 1 for i, name in enumerate(VOC_CLASSES)}
 
 

@@ -184,7 +184,7 @@ class Detector(nn.Module):
 
 def build_detector(model_cfg: ConfigDict, num_anchors: Sequence[int],
                    axis_name: str | None = None) -> Detector:
-  """The detector `model_cfg` describes (`config.model`, see `presets.py`).
+  """The detector `model_cfg` describes (`config.model`, see `config_blocks.py`).
 
   Args:
     model_cfg: `backbone`, `neck`, `head` names, `sources`, `input_size`,

@@ -146,3 +146,48 @@ class VGG16(nn.Module):
       if name.endswith('_2'):
         features[name] = x
     return features
+
+
+# ------------------------------------------------------------ map sizes ---
+
+
+def _half_floor(s: int) -> int:
+  return s // 2
+
+
+def _half_ceil(s: int) -> int:
+  return -(-s // 2)
+
+
+def ssd_feature_sizes(input_size: int) -> dict[str, int]:
+  """Spatial sizes of the SSD VGG16 reduced-fc sources and extra layers.
+
+  pool1, pool2 floor; pool3 ceil (300 -> 38); pool4 floor; pool5 3x3/1 keeps
+  size. Extra layers: 300-style (two stride-2 stages, then two valid 3x3),
+  512-style (four stride-2 stages, then a 4x4 pad-1 conv).
+  """
+  s = _half_floor(_half_floor(input_size))
+  conv4_3 = _half_ceil(s)
+  fc7 = _half_floor(conv4_3)
+  sizes = {'conv4_3': conv4_3, 'fc7': fc7}
+  if input_size < 512:
+    c8 = _half_ceil(fc7)
+    c9 = _half_ceil(c8)
+    sizes.update(conv8_2=c8, conv9_2=c9, conv10_2=c9 - 2, conv11_2=c9 - 4)
+  else:
+    c8 = _half_ceil(fc7)
+    c9 = _half_ceil(c8)
+    c10 = _half_ceil(c9)
+    c11 = _half_ceil(c10)
+    sizes.update(conv8_2=c8, conv9_2=c9, conv10_2=c10, conv11_2=c11, conv12_2=c11 - 1)
+  return sizes
+
+
+def refinedet_feature_sizes(input_size: int) -> dict[str, int]:
+  """Sizes of the RefineDet VGG16 sources: strides 8, 16, 32, 64."""
+  s = _half_floor(_half_floor(input_size))
+  conv4_3 = _half_ceil(s)
+  conv5_3 = _half_floor(conv4_3)
+  fc7 = _half_floor(conv5_3)
+  conv6_2 = _half_ceil(fc7)
+  return {'conv4_3': conv4_3, 'conv5_3': conv5_3, 'fc7': fc7, 'conv6_2': conv6_2}

@@ -45,6 +45,8 @@ from smallssd_jax import anchors as anchors_lib
 from smallssd_jax import boxes as box_lib
 from smallssd_jax import losses
 from smallssd_jax import matching
+from smallssd_jax import sharding
+from smallssd_jax import task as task_lib
 
 Array = jax.Array
 
@@ -181,9 +183,9 @@ def diagnose(config, workdir: str = '', num_batches: int = 1) -> dict[str, Any]:
   from smallssd_jax import train  # pylint: disable=g-import-not-at-top
   from smallssd_jax.datasets import pipeline  # pylint: disable=g-import-not-at-top
 
-  mesh = train.make_mesh(jax.devices()[:1])
-  detector = train.build(config)
-  state = train.create_train_state(detector, config, train.init_rng(config.seed), mesh)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  detector = task_lib.build_task(config)
+  state = task_lib.create_train_state(detector, config, task_lib.init_rng(config.seed), mesh)
   step = 0
   if workdir:
     state, step = ckpt_lib.restore_variables(workdir, state)
@@ -259,24 +261,28 @@ def format_report(report: Mapping[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).')
-_WORKDIR = flags.DEFINE_string('workdir', '', 'Diagnose this run\'s latest checkpoint '
-                               '(default: the initialisation).')
-_BATCHES = flags.DEFINE_integer('batches', 2, 'Training batches to average over.')
-_JSON = flags.DEFINE_string('json', '', 'Also write the numbers here.')
+def define_flags() -> None:
+  """The command's flags (defined on demand: the module imports next to other tools)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).')
+  flags.DEFINE_string('workdir', '', "Diagnose this run's latest checkpoint (default: the "
+                      'initialisation).')
+  flags.DEFINE_integer('batches', 2, 'Training batches to average over.')
+  flags.DEFINE_string('json', '', 'Also write the numbers here.')
 
 
 def main(argv):
   del argv
   from smallssd_jax import _xla  # pylint: disable=g-import-not-at-top
-  _xla.apply_cpu_defaults()
-  report = diagnose(_CONFIG.value, _WORKDIR.value, _BATCHES.value)
+  _xla.apply_cpu_xla_defaults()
+  f = flags.FLAGS
+  report = diagnose(f.config, f.workdir, f.batches)
   print(format_report(report))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(report, f, indent=1)
+  if f.json:
+    with open(f.json, 'w') as out:
+      json.dump(report, out, indent=1)
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)

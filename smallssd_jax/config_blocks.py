@@ -1,73 +1,39 @@
-"""Model, prior and loss presets for the paper settings (docs/design.md §3-5).
+"""Blocks the config files in `configs/` are written from (docs/design.md §3-5, §9).
 
-Config files in `configs/` compose these; every value here can be overridden
-from the command line (`--config.model.width=0.25`). Feature-map sizes are
-computed from the input size with the backbone's own arithmetic, so a
-reduced-resolution variant gets consistent priors without editing lists.
+A config file reads as its experiment: it names its model block, its data,
+schedule and evaluation, with the numbers that differ between papers written
+out in the file. What is the same everywhere is defined once here, so every
+field has exactly one default (library code never falls back to a default
+of its own; `config_check` refuses a config with a field missing).
+
+`MODELS` is the one registry of detectors: configs, `summary` and the tools
+look models up here.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+from collections.abc import Callable
+
 import ml_collections
 
 from smallssd_jax import config_lib
+from smallssd_jax.models import vgg
 
 ConfigDict = ml_collections.ConfigDict
 
-# The papers' small-object VOC classes (DF-SSD tables; docs/design.md §6).
-VOC_SMALL_OBJECT_CLASSES = ('boat', 'bottle', 'chair', 'pottedplant', 'tvmonitor', 'bird')
 
-
-def _half_floor(s: int) -> int:
-  return s // 2
-
-
-def _half_ceil(s: int) -> int:
-  return -(-s // 2)
-
-
-def vgg_ssd_feature_sizes(input_size: int) -> dict[str, int]:
-  """Spatial sizes of the SSD VGG16 reduced-fc sources and extra layers.
-
-  pool1, pool2 floor; pool3 ceil (300 -> 38); pool4 floor; pool5 3x3/1 keeps
-  size. Extra layers: 300-style (two stride-2 stages, then two valid 3x3),
-  512-style (four stride-2 stages, then a 4x4 pad-1 conv).
-  """
-  s = _half_floor(_half_floor(input_size))
-  conv4_3 = _half_ceil(s)
-  fc7 = _half_floor(conv4_3)
-  sizes = {'conv4_3': conv4_3, 'fc7': fc7}
-  if input_size < 512:
-    c8 = _half_ceil(fc7)
-    c9 = _half_ceil(c8)
-    sizes.update(conv8_2=c8, conv9_2=c9, conv10_2=c9 - 2, conv11_2=c9 - 4)
-  else:
-    c8 = _half_ceil(fc7)
-    c9 = _half_ceil(c8)
-    c10 = _half_ceil(c9)
-    c11 = _half_ceil(c10)
-    sizes.update(conv8_2=c8, conv9_2=c9, conv10_2=c10, conv11_2=c11, conv12_2=c11 - 1)
-  return sizes
-
-
-def vgg_refinedet_feature_sizes(input_size: int) -> dict[str, int]:
-  """Sizes of the RefineDet VGG16 sources: strides 8, 16, 32, 64."""
-  s = _half_floor(_half_floor(input_size))
-  conv4_3 = _half_ceil(s)
-  conv5_3 = _half_floor(conv4_3)
-  fc7 = _half_floor(conv5_3)
-  conv6_2 = _half_ceil(fc7)
-  return {'conv4_3': conv4_3, 'conv5_3': conv5_3, 'fc7': fc7, 'conv6_2': conv6_2}
+# ---------------------------------------------------------------- models ---
 
 
 def ssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
-  """Baseline SSD300 / SSD512 (docs/design.md §3)."""
+  """SSD300 / SSD512: `model`, `anchors` and `loss` (docs/design.md §3)."""
   size_512 = input_size >= 512
-  fm = vgg_ssd_feature_sizes(input_size)
+  fm = vgg.ssd_feature_sizes(input_size)
   sources = ['conv4_3', 'fc7', 'conv8_2', 'conv9_2', 'conv10_2', 'conv11_2']
   if size_512:
     sources.append('conv12_2')
-  if size_512:
     min_sizes = [35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8]
     max_sizes = [76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6]
     steps = [8, 16, 32, 64, 128, 256, 512]
@@ -108,34 +74,32 @@ def ssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
       aspect_ratios=ratios,
       clip=False,
   ))
-  return ConfigDict(dict(model=model, anchors=anchors, loss=ssd_loss()))
+  return ConfigDict(dict(model=model, anchors=anchors, loss=multibox_loss()))
 
 
 def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
-  """DF-SSD300 / DF-SSD512 (docs/design.md §4)."""
+  """DF-SSD300 / DF-SSD512: `model`, `anchors` and `loss` (docs/design.md §4)."""
   size_512 = input_size >= 512
-  fm = vgg_ssd_feature_sizes(input_size)
+  fm = vgg.ssd_feature_sizes(input_size)
   if size_512:
     sources = ['fused', 'fc7', 'conv8_2', 'conv9_2', 'conv10_2', 'conv11_2']
     deepest = 'conv12_2'
-    deconv = dict(stride=8, kernel=8, padding=0)
   else:
     sources = ['fused', 'fc7', 'conv8_2', 'conv9_2', 'conv10_2']
     deepest = 'conv11_2'
-    # The paper's kernel is 4 (padding 1): it leaves 3/4 of deconv4_3 at its
-    # bias. Kernel = stride covers every pixel (models/dfssd.py).
-    deconv = dict(stride=8, kernel=8, padding=0)
   model = ssd_model(input_size, num_classes).model
   model.update(dict(
       name='dfssd',
       neck='dfssd',
       sources=sources,
-      batch_norm=True,                # BN after each fusion projection (docs/design.md §4: 1x1 conv + BN)
+      batch_norm=True,                # BN after each fusion projection (1x1 conv + BN)
       dfssd=ConfigDict(dict(
           deconv_channels=256,
-          deconv_stride=deconv['stride'],
-          deconv_kernel=deconv['kernel'],
-          deconv_padding=deconv['padding'],
+          deconv_stride=8,
+          # The paper's 300 kernel is 4 (padding 1), which leaves 3/4 of
+          # deconv4_3 at its bias; kernel = stride covers every pixel.
+          deconv_kernel=8,
+          deconv_padding=0,
           pool='avg',                 # 'avg' | 'max'
           deepest=deepest,
           fusion_channels=256,
@@ -145,7 +109,7 @@ def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
           fuse_levels='first',        # 'first' | 'all'
           source_norm='l2',           # 'l2' (each half of nconv4_3 normalised) | 'none' (paper)
           source_norm_scale=10.0,
-          context_init=0.25,          # context sources' initial scale; 1.0: the paper's
+          context_init=0.25,          # the context sources' initial scale; 1.0: the paper's
       )),
   ))
   anchors = ConfigDict(dict(
@@ -159,12 +123,12 @@ def dfssd_model(input_size: int = 300, num_classes: int = 21) -> ConfigDict:
       small_ratios=[1.0, 2.0, 0.5],
       clip=False,
   ))
-  return ConfigDict(dict(model=model, anchors=anchors, loss=ssd_loss()))
+  return ConfigDict(dict(model=model, anchors=anchors, loss=multibox_loss()))
 
 
 def skipfpn_model(input_size: int = 320, num_classes: int = 21) -> ConfigDict:
-  """SkipFPN-GRF320 / 512 with the two-step head (docs/design.md §5)."""
-  fm = vgg_refinedet_feature_sizes(input_size)
+  """SkipFPN-GRF320 / 512 with the two-step head: `model`, `anchors`, `loss` (docs/design.md §5)."""
+  fm = vgg.refinedet_feature_sizes(input_size)
   sources = ['conv4_3', 'conv5_3', 'fc7', 'conv6_2']
   model = ConfigDict(dict(
       name='skipfpn',
@@ -183,7 +147,7 @@ def skipfpn_model(input_size: int = 320, num_classes: int = 21) -> ConfigDict:
       head_init='xavier',
       skipfpn=ConfigDict(dict(
           channels=256,
-          skip_depth=2,               # D: 2 as drawn in the paper, 3 connects all
+          skip_depth=2,               # D: 2 as drawn in the paper, 3 connects all, 0 none
           grf_levels=[0, 1, 2, 3],    # where the global receptive field module sits
           grf_reduction=4,            # 1x1 reduction factor inside the GRF module
       )),
@@ -197,13 +161,30 @@ def skipfpn_model(input_size: int = 320, num_classes: int = 21) -> ConfigDict:
       aspect_ratios=[0.5, 1.0, 2.0],
       clip=False,
   ))
-  loss = ssd_loss()
+  loss = multibox_loss()
   loss.arm_filter_threshold = 0.99
   loss.negative_anchor_filter = True
   return ConfigDict(dict(model=model, anchors=anchors, loss=loss))
 
 
-def ssd_loss() -> ConfigDict:
+MODELS: dict[str, Callable[..., ConfigDict]] = {
+    'ssd': ssd_model,
+    'dfssd': dfssd_model,
+    'skipfpn': skipfpn_model,
+}
+
+# Each model's native input size at the papers' smaller setting.
+DEFAULT_INPUT_SIZE = {'ssd': 300, 'dfssd': 300, 'skipfpn': 320}
+
+
+def model(name: str, input_size: int | None = None, num_classes: int = 21) -> ConfigDict:
+  """`model`, `anchors`, `loss` of the registered detector `name`."""
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; known: {sorted(MODELS)}')
+  return MODELS[name](input_size or DEFAULT_INPUT_SIZE[name], num_classes=num_classes)
+
+
+def multibox_loss() -> ConfigDict:
   return ConfigDict(dict(
       iou_threshold=0.5,
       neg_pos_ratio=3,
@@ -212,38 +193,17 @@ def ssd_loss() -> ConfigDict:
   ))
 
 
-def postprocess() -> ConfigDict:
+def postprocess(max_detections: int = 200) -> ConfigDict:
   return ConfigDict(dict(
       score_threshold=0.01,
       nms_iou=0.45,
       pre_nms_top_k=400,
-      max_detections=200,
+      max_detections=max_detections,
       arm_filter_threshold=0.99,     # two-step heads: step-one background prob above it -> no detection
   ))
 
 
-MODELS = {
-    'ssd': ssd_model,
-    'dfssd': dfssd_model,
-    'skipfpn': skipfpn_model,
-}
-
-
-def anchor_count(anchors: ConfigDict) -> int:
-  """Number of priors a prior config makes, without building them."""
-  if anchors.style == 'ssd':
-    per = [2 + 2 * len(r) for r in anchors.aspect_ratios]
-  elif anchors.style == 'dfssd':
-    # ratio-1 prior at sqrt(s_k s_k+1) plus one per aspect ratio; the first map
-    # adds the half-scale small priors (docs/design.md §4).
-    per = [len(anchors.aspect_ratios) + 1] * len(anchors.feature_maps)
-    if anchors.get('small_first_level', True):
-      per[0] += len(anchors.small_ratios)
-  elif anchors.style == 'refinedet':
-    per = [len(anchors.aspect_ratios)] * len(anchors.feature_maps)
-  else:
-    raise ValueError(f'unknown anchors.style {anchors.style!r}')
-  return sum(p * f * f for p, f in zip(per, anchors.feature_maps))
+# ------------------------------------------------------------------ data ---
 
 
 def data(name: str = 'builtin_small', **overrides) -> ConfigDict:
@@ -314,9 +274,32 @@ def data(name: str = 'builtin_small', **overrides) -> ConfigDict:
   return cfg
 
 
+def voc0712_data(**overrides) -> ConfigDict:
+  """VOC07+12 trainval -> VOC07 test (tfds without `root`, a VOCdevkit folder with it)."""
+  return data('voc', train_split='VOC2007/trainval+VOC2012/trainval',
+              eval_split='VOC2007/test', max_boxes=64, **overrides)
+
+
+def kitti_data(**overrides) -> ConfigDict:
+  """KITTI 2D object, 3 grouped classes (docs/design.md §4), DontCare ignored."""
+  return data('kitti', train_split='train', eval_split='val', max_boxes=128, **overrides)
+
+
+def coco_data(**overrides) -> ConfigDict:
+  """COCO 2017 from its json + images folder (`root`), crowd boxes ignored."""
+  return data('coco', train_split='train2017', eval_split='val2017', max_boxes=128, **overrides)
+
+
+# ------------------------------------------------- schedule and evaluation ---
+
+
 def sgd(lr: float = 1e-3, boundaries=(80_000, 100_000), decay: float = 0.1,
-        warmup_steps: int = 0) -> ConfigDict:
-  """The papers' optimiser: SGD momentum 0.9, weight decay 5e-4, piecewise lr."""
+        warmup_steps: int | float = 0, grad_clip_norm: float = 0.0) -> ConfigDict:
+  """The papers' optimiser: SGD momentum 0.9, weight decay 5e-4, piecewise lr.
+
+  `boundaries` and `warmup_steps` are steps, or fractions of num_train_steps
+  (floats below 1), which follow a changed run length (optim.py).
+  """
   return ConfigDict(dict(
       name='sgd',
       lr=lr,
@@ -325,40 +308,101 @@ def sgd(lr: float = 1e-3, boundaries=(80_000, 100_000), decay: float = 0.1,
       boundaries=list(boundaries),
       decay=decay,
       warmup_steps=warmup_steps,
-      grad_clip_norm=0.0,            # 0 = off
+      grad_clip_norm=grad_clip_norm,   # 0 = off
   ))
 
 
-def base_config(preset: ConfigDict) -> ConfigDict:
-  """Everything a run needs, around a model preset (model, anchors, loss)."""
-  cfg = ConfigDict()
-  cfg.model = preset.model
-  cfg.anchors = preset.anchors
-  cfg.loss = preset.loss
-  cfg.post = postprocess()
-  cfg.data = data()
-  cfg.optim = sgd()
-  cfg.seed = 0
-  cfg.batch_size = 32
-  cfg.num_train_steps = 120_000
-  cfg.log_every_steps = 100
-  cfg.eval_every_steps = 10_000
-  cfg.checkpoint_every_steps = 5_000
-  cfg.keep_checkpoints = 3
-  cfg.init_from = ''                # checkpoint dir, or a VGG16 / SSD300 weight file
-  cfg.eval = ConfigDict(dict(
-      metric='voc07',
-      checkpoint='',
+def evaluation(metric: str, batch_size: int = 32) -> ConfigDict:
+  return ConfigDict(dict(
+      metric=metric,                # 'voc07' | 'voc' | 'coco' | 'kitti'
+      checkpoint='',                # --mode=eval / detect: this run or step folder, '' = latest
       num_examples=0,               # 0 = the whole split
-      batch_size=32,
+      batch_size=batch_size,
       pr_curves=True,
+      name='',                      # --mode=eval writes eval/<name>/ ('' = the start time)
   ))
-  cfg.detect = ConfigDict(dict(
-      input='',
-      score_threshold=0.3,
-      max_images=16,
+
+
+def detection(score_threshold: float = 0.3, max_images: int = 16) -> ConfigDict:
+  return ConfigDict(dict(
+      input='',                     # --mode=detect: a folder of images, or one image
+      score_threshold=score_threshold,
+      max_images=max_images,        # after training: pictures of this many test images
+      name='',                      # --mode=detect writes detect/<name>/ ('' = the start time)
   ))
-  return cfg
+
+
+def base_config(model_blocks: ConfigDict) -> ConfigDict:
+  """Every field a run needs around `model_blocks` (model, anchors, loss), at the papers'
+  VOC defaults; for tests and tools that build a config in code."""
+  return paper_config(model_blocks, data(), metric='voc07', batch_size=32, steps=120_000,
+                      boundaries=(80_000, 100_000), warmup_steps=0)
+
+
+def paper_config(blocks: ConfigDict, data_cfg: ConfigDict, *, metric: str, batch_size: int,
+                 steps: int, boundaries, warmup_steps: int = 1000, eval_every: int = 10_000,
+                 runlocal: bool = False) -> ConfigDict:
+  """A paper setting: model blocks, data, the papers' SGD schedule, evaluation (docs/design.md §3, §5)."""
+  config = ConfigDict()
+  config.update(blocks)
+  config.post = postprocess(max_detections=100 if metric == 'coco' else 200)
+  config.data = data_cfg
+  config.optim = sgd(lr=1e-3, boundaries=boundaries, warmup_steps=warmup_steps)
+  config.seed = 0
+  config.batch_size = batch_size
+  config.num_train_steps = steps
+  config.log_every_steps = 100
+  config.eval_every_steps = eval_every
+  config.checkpoint_every_steps = 5_000
+  config.keep_checkpoints = 3
+  config.init_from = ''           # a run's workdir / step folder, or a VGG16 / SSD300 weight file
+  config.eval = evaluation(metric)
+  config.detect = detection()
+  config.runlocal = runlocal
+  return shrink_for_runlocal(config) if runlocal else config
+
+
+# -------------------------------------------------------------- runlocal ---
+
+
+def shrink_for_runlocal(config: ConfigDict, width: float = 0.125, steps: int = 20) -> ConfigDict:
+  """Shrinks any paper config to something a laptop CPU runs in a minute or two.
+
+  The model keeps its structure and input size (so priors and shapes are the
+  paper's); width, batch, steps and eval size shrink. The data become the
+  built-in dataset in `finalize`, after the command line, unless
+  `data.root` is set there.
+  """
+  config.model.width = width
+  config.batch_size = 4
+  config.num_train_steps = steps
+  config.log_every_steps = 5
+  config.eval_every_steps = 0
+  config.checkpoint_every_steps = steps
+  config.optim.boundaries = [2 / 3, 5 / 6]      # fractions: follow --config.num_train_steps
+  config.optim.warmup_steps = 0
+  config.eval.num_examples = 16
+  config.eval.batch_size = 8
+  config.detect.max_images = 2
+  return config
+
+
+def finalize(config: ConfigDict) -> ConfigDict:
+  """What depends on fields the command line may have set; run after it (main.py, load_config).
+
+  With `runlocal` and no `data.root`, a paper config trains on the built-in
+  dataset (at the model's input size, VOC07 metric, classes from the data);
+  with a `data.root` it keeps its own dataset there.
+  """
+  if config.runlocal and not config.data.root and config.data.name != 'builtin_small':
+    with config.unlocked():
+      max_boxes = config.data.max_boxes
+      config.data = data(max_boxes=max_boxes)
+      config.data.builtin.image_size = config.model.input_size
+      config.data.builtin.num_test = 16
+      config.model.num_classes = config.data.builtin.num_classes + 1
+      config.eval.metric = 'voc07'
+  return config
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -396,58 +440,17 @@ def parse_arg(arg: str | None, **defaults):
   return out
 
 
-def voc0712_data(**overrides) -> ConfigDict:
-  """VOC07+12 trainval -> VOC07 test (tfds without `root`, a VOCdevkit folder with it)."""
-  return data('voc', train_split='VOC2007/trainval+VOC2012/trainval',
-              eval_split='VOC2007/test', max_boxes=64, **overrides)
+# --------------------------------------------------------------- loading ---
 
 
-def kitti_data(**overrides) -> ConfigDict:
-  """KITTI 2D object, 3 grouped classes (docs/design.md §4), DontCare ignored."""
-  return data('kitti', train_split='train', eval_split='val', max_boxes=128, **overrides)
-
-
-def coco_data(**overrides) -> ConfigDict:
-  """COCO 2017 from its json + images folder (`root`), crowd boxes ignored."""
-  return data('coco', train_split='train2017', eval_split='val2017', max_boxes=128, **overrides)
-
-
-def runlocal(config: ConfigDict, width: float = 0.125, steps: int = 20) -> ConfigDict:
-  """Shrinks any paper config to something a laptop CPU runs in a minute or two.
-
-  The model keeps its structure and input size (so priors and shapes are the
-  paper's); width, batch, steps and eval size shrink, and the data becomes the
-  built-in dataset unless a `root` was given.
-  """
-  config.model.width = width
-  config.batch_size = 4
-  config.num_train_steps = steps
-  config.log_every_steps = 5
-  config.eval_every_steps = 0
-  config.checkpoint_every_steps = steps
-  config.optim.boundaries = [steps * 2 // 3, steps * 5 // 6]
-  config.optim.warmup_steps = 0
-  config.eval.num_examples = 16
-  config.eval.batch_size = 8
-  config.detect.max_images = 2
-  if not config.data.root and config.data.name != 'builtin_small':
-    config.data = data(max_boxes=config.data.max_boxes)
-    config.model.num_classes = config.data.builtin.num_classes + 1
-    config.data.builtin.image_size = config.model.input_size
-    config.data.builtin.num_test = 16
-    config.eval.metric = 'voc07'
-  return config
-
-
-def paper_config(preset: ConfigDict, data_cfg: ConfigDict, *, metric: str, batch_size: int,
-                 steps: int, boundaries, warmup_steps: int = 1000) -> ConfigDict:
-  """A paper setting: the model preset, its data, and the SGD recipe (docs/design.md §3, §5)."""
-  config = base_config(preset)
-  config.data = data_cfg
-  config.batch_size = batch_size
-  config.num_train_steps = steps
-  config.optim = sgd(lr=1e-3, boundaries=boundaries, warmup_steps=warmup_steps)
-  config.eval.metric = metric
-  if metric == 'coco':
-    config.post.max_detections = 100   # the COCO protocol scores at most 100 per image
-  return config
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` as main.py does (without command-line overrides)."""
+  path, _, arg = spec.partition(':')
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'config file not found: {path}')
+  module_spec = importlib.util.spec_from_file_location(f'_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  return finalize(config)
