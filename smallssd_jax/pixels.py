@@ -1,63 +1,30 @@
-"""Pixel preprocessing inside the jitted steps: photometric distortion and normalisation.
+"""Pixel preprocessing inside the jitted steps: resample, photometric distortion, normalisation.
 
-With `data.pixels_on_device` (the default) the input pipeline sends uint8 RGB
-images, the photometric parameters it drew for each image and the rectangle
-of the image that holds image pixels (the rest is the zoom-out fill), and the
-train / eval steps turn them into the model's float input here. The host then
-does only what needs the source image (decode, the one geometric resample),
-and a batch crosses to the device in a quarter of the bytes.
+What a batch carries is fixed by its layout (batch_layout.py), resolved once
+from the config: `model_input(batch, spec, train)` turns a batch of
+`spec.layout(train)` into the model's float32 input. The host then does only
+what needs the source image (decode, the one geometric resample, or on the
+`RESAMPLE` layout not even that), and a batch crosses to the device as uint8.
 
 The arithmetic is Caffe's on 8-bit images, exactly as the host path
-(datasets/augment.py `apply_pixel_ops`): every op rounds half up and
+(datasets/photometric.py `apply_pixel_ops`): every op rounds half up and
 saturates to 0..255; saturation and hue share one HSV round trip (here with
 the exact hue formula; the host path looks it up in a table, within half a
-level). Float batches (the host path) pass through unchanged.
+level).
 
-One photometric stage is Caffe's DistortImage: five values
-`[brightness delta, contrast gain before, saturation gain, hue delta (OpenCV
-8-bit units, 2 degrees), contrast gain after]`, the identity being
-`IDENTITY_STAGE` (datasets/augment.py `stage_vector`); a batch carries
-`photometric` float32 [B, n_stages, 5] and `image_region` int32 [B, 4]
-`(row0, row1, col0, col1)`.
-
-With `data.resample_on_device` as well, train batches carry the decoded
-source image instead of the resampled one: `image` uint8 [B, Hc, Wc, 3] (the
-source in the top-left corner of a fixed canvas, `data.source_canvas`),
-`source_size` int32 [B, 2] (its height and width) and `window` float32 [B, 4]
-(the region of the source the output shows, normalised `[y0, x0, y1, x1]`,
-x0 > x1 when mirrored; datasets/augment.py), and `resample` realises the
-window here with PIL's antialiased bilinear arithmetic. The host then
-decodes and draws the augmentation, and resamples nothing.
+One photometric stage is Caffe's DistortImage: five values `[brightness
+delta, contrast gain before, saturation gain, hue delta (OpenCV 8-bit units,
+2 degrees), contrast gain after]`, the identity being
+`batch_layout.IDENTITY_STAGE`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-from smallssd_jax.datasets import augment
-
-
-class PixelConfig(NamedTuple):
-  """Normalisation of the model input: `(x[..., ::-1] if bgr else x) - mean) / std`.
-
-  `size` (the model's input size) and `fill` (the zoom-out fill, RGB) are what
-  `resample` needs for batches that carry the source image.
-  """
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  bgr: bool
-  size: int = 0
-  fill: tuple[float, ...] = (0.0, 0.0, 0.0)
-
-  @classmethod
-  def from_data_config(cls, data_cfg, input_size: int = 0) -> 'PixelConfig':
-    fill = augment.fill_colour(data_cfg)  # the host path's fill, rounded as `resize` does
-    return cls(tuple(float(v) for v in data_cfg.mean), tuple(float(v) for v in data_cfg.std),
-               bool(data_cfg.bgr), int(input_size),
-               tuple(float(min(max(round(v), 0), 255)) for v in fill))
+from smallssd_jax.batch_layout import InputSpec
+from smallssd_jax.batch_layout import Layout
 
 
 def _round_u8(x: jax.Array) -> jax.Array:
@@ -150,7 +117,7 @@ def resample_weights(lo: jax.Array, hi: jax.Array, mirrored: jax.Array, length: 
 
 def resample(source: jax.Array, source_size: jax.Array, window: jax.Array,
              region: jax.Array, size: int, fill: tuple[float, ...]) -> jax.Array:
-  """The train pipeline's `resize` (datasets/augment.py) on the device.
+  """The train pipeline's `resize` (datasets/resize.py) on the device.
 
   Args:
     source: uint8 [B, Hc, Wc, 3], each source image in the top-left corner.
@@ -180,33 +147,29 @@ def resample(source: jax.Array, source_size: jax.Array, window: jax.Array,
   return jnp.where(_inside(region, size, size), x, jnp.asarray(fill, jnp.float32))
 
 
-def normalize(images: jax.Array, cfg: PixelConfig) -> jax.Array:
-  """Float RGB 0..255 -> the model's input (channel order and mean / std of `cfg`)."""
-  if cfg.bgr:
+def normalize(images: jax.Array, spec: InputSpec) -> jax.Array:
+  """Float RGB 0..255 -> the model's input (channel order and mean / std of `spec`)."""
+  if spec.bgr:
     images = images[..., ::-1]
-  mean = jnp.asarray(cfg.mean, jnp.float32)
-  std = jnp.asarray(cfg.std, jnp.float32)
-  out = images - mean
-  if any(s != 1.0 for s in cfg.std):
-    out = out / std
+  out = images - jnp.asarray(spec.mean, jnp.float32)
+  if any(s != 1.0 for s in spec.std):
+    out = out / jnp.asarray(spec.std, jnp.float32)
   return out
 
 
-def model_input(batch: dict[str, jax.Array], cfg: PixelConfig) -> jax.Array:
-  """The float32 model input of a batch: uint8 images are resampled (when the
-  batch carries the source `window`), distorted (when it carries
-  `photometric`) and normalised; float images are already the input."""
+def model_input(batch: dict[str, jax.Array], spec: InputSpec, train: bool) -> jax.Array:
+  """The float32 model input of a batch of layout `spec.layout(train)` (batch_layout.py)."""
+  layout = spec.layout(train)
   images = batch['image']
+  if layout == Layout.HOST:
+    return images                       # the host made the model input
   if images.dtype != jnp.uint8:
-    return images
-  if 'window' in batch:
-    if not cfg.size:
-      raise ValueError('the batch carries source images (data.resample_on_device) but the '
-                       'PixelConfig has no input size')
+    raise ValueError(f'a {layout.value!r}-layout batch holds uint8 images, got {images.dtype}')
+  if layout == Layout.RESAMPLE:
     x = resample(images, batch['source_size'], batch['window'], batch['image_region'],
-                 cfg.size, cfg.fill)
+                 spec.size, spec.fill)
   else:
     x = images.astype(jnp.float32)
-  if 'photometric' in batch:
+  if train:
     x = photometric(x, batch['photometric'], batch['image_region'])
-  return normalize(x, cfg)
+  return normalize(x, spec)

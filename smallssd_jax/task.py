@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from smallssd_jax import anchors as anchors_lib
+from smallssd_jax import batch_layout
 from smallssd_jax import models
 from smallssd_jax import optim as optim_lib
 from smallssd_jax import pixels as pixels_lib
@@ -37,8 +38,8 @@ class Task:
   module: models.Detector = struct.field(pytree_node=False)
   anchors: np.ndarray = struct.field(pytree_node=False)      # [A, 4] cy, cx, h, w
   two_step: bool = struct.field(pytree_node=False)
-  # How the step turns a batch's images into the model input (pixels.py).
-  pixels: pixels_lib.PixelConfig = struct.field(pytree_node=False)
+  # The batch layouts, and how the step turns their images into model input.
+  inputs: batch_layout.InputSpec = struct.field(pytree_node=False)
 
 
 def build_task(config: ml_collections.ConfigDict) -> Task:
@@ -47,8 +48,8 @@ def build_task(config: ml_collections.ConfigDict) -> Task:
   module = models.build_detector(config.model, anchors_lib.anchors_per_location(config.anchors))
   models.check_anchor_count(module, config.model, priors.shape[0])
   return Task(module=module, anchors=priors, two_step=config.model.head == 'two_step',
-              pixels=pixels_lib.PixelConfig.from_data_config(config.data,
-                                                             int(config.model.input_size)))
+              inputs=batch_layout.InputSpec.from_config(config.data,
+                                                        int(config.model.input_size)))
 
 
 # ----------------------------------------------------------------- state ---
@@ -137,14 +138,14 @@ def predict(variables: PyTree, images: jax.Array, *, task: Task, post_cfg,
 
   Args:
     variables: the model's Flax variables.
-    images: the batch's `image` field: uint8 RGB `[B, S, S, 3]` (normalised
-      here) or the float model input.
+    images: an evaluation batch's `image` field (`task.inputs.eval_layout`):
+      uint8 RGB `[B, S, S, 3]`, normalised here, or the host's float input.
 
   Returns:
     `boxes [B, K, 4]` `[ymin, xmin, ymax, xmax]` normalised to the model
     input, `scores [B, K]`, `labels [B, K]` (1..C-1), `valid [B, K]`.
   """
-  images = pixels_lib.model_input({'image': images}, task.pixels)
+  images = pixels_lib.model_input({'image': images}, task.inputs, train=False)
   outputs = task.module.apply(variables, images, train=False)
   return postprocess.detect(outputs, task.anchors, post_cfg, variances=tuple(variances),
                             two_step=task.two_step)

@@ -43,12 +43,17 @@ TrainState = task_lib.TrainState
 # ------------------------------------------------------------------ step ---
 
 
-def loss_fn(task: task_lib.Task, loss_cfg, params, batch_stats, batch, train: bool = True):
-  """(loss, (metrics, new batch statistics)) of one batch."""
+def loss_fn(task: task_lib.Task, loss_cfg, params, batch_stats, batch, train: bool = True,
+            train_batch: bool = True):
+  """(loss, (metrics, new batch statistics)) of one batch.
+
+  `train`: BatchNorm on batch statistics (updating the running ones);
+  `train_batch`: the batch has the train layout (batch_layout.py).
+  """
   variables = {'params': params}
   if batch_stats:
     variables['batch_stats'] = batch_stats
-  images = pixels_lib.model_input(batch, task.pixels)
+  images = pixels_lib.model_input(batch, task.inputs, train=train_batch)
   if train and batch_stats:
     outputs, updates = task.module.apply(variables, images, train=True, mutable=['batch_stats'])
     new_stats = updates['batch_stats']
@@ -201,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Data: the batches of steps start_step, start_step + 1, ... (this process's slice).
   train_iter = pipeline.make_train_iterator(config, jax.process_index(), jax.process_count(),
-                                            start_step)
+                                            start_step, task.inputs)
 
   eval_results: dict[str, float] = {}
   local_batch = config.batch_size // jax.process_count()

@@ -8,7 +8,11 @@ from PIL import Image
 import pytest
 
 from smallssd_jax import config_blocks
-from smallssd_jax.datasets import augment
+from smallssd_jax import batch_layout
+from smallssd_jax.datasets import geometry
+from smallssd_jax.datasets import ops as ops_lib
+from smallssd_jax.datasets import photometric
+from smallssd_jax.datasets import resize as resize_lib
 from smallssd_jax.datasets import records
 
 MEAN = (123, 117, 104)
@@ -35,10 +39,10 @@ def test_flip_twice_is_identity():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
   ex = _example(image, _random_boxes(rng, 5))
-  twice = augment.hflip(augment.hflip(ex))
+  twice = geometry.hflip(geometry.hflip(ex))
   np.testing.assert_allclose(twice['boxes'], ex['boxes'], atol=1e-6)
-  np.testing.assert_array_equal(augment.resize(twice, size=48)['image'], image)
-  once = augment.resize(augment.hflip(ex), size=48)
+  np.testing.assert_array_equal(resize_lib.resize(twice, size=48)['image'], image)
+  once = resize_lib.resize(geometry.hflip(ex), size=48)
   np.testing.assert_array_equal(once['image'], image[:, ::-1])
   b = ex['boxes']
   mirrored = np.stack([b[:, 0], 1 - b[:, 3], b[:, 2], 1 - b[:, 1]], 1)
@@ -70,7 +74,7 @@ def test_crop_keeps_exactly_boxes_with_centres_inside():
     ex = _example(image, boxes)
     y0, x0 = rng.uniform(0, 0.6, 2)
     region = (y0, x0, y0 + rng.uniform(0.2, 0.4), x0 + rng.uniform(0.2, 0.4))
-    out = augment.crop(ex, region)
+    out = geometry.crop(ex, region)
     ref_b, ref_l = _reference_crop(boxes, ex['labels'], region)
     np.testing.assert_array_equal(out['labels'], ref_l, err_msg=f'trial {trial}')
     np.testing.assert_allclose(out['boxes'], ref_b, atol=1e-5)
@@ -84,12 +88,12 @@ def test_min_iou_crop_matches_its_sampled_region():
   image = np.zeros((20, 20, 3), np.uint8)
   for seed in range(20):
     ex = _example(image, _random_boxes(rng, 6))
-    region = augment.sample_min_iou_crop(ex['boxes'], np.random.default_rng(seed))
-    out = augment.min_iou_crop(ex, np.random.default_rng(seed))
+    region = geometry.sample_min_iou_crop(ex['boxes'], np.random.default_rng(seed))
+    out = geometry.min_iou_crop(ex, np.random.default_rng(seed))
     ref_b, ref_l = _reference_crop(ex['boxes'], ex['labels'], region)
     np.testing.assert_array_equal(out['labels'], ref_l)
     np.testing.assert_allclose(out['boxes'], ref_b, atol=1e-5)
-    np.testing.assert_allclose(out.get('window', augment.IDENTITY_WINDOW), region, atol=1e-9)
+    np.testing.assert_allclose(out.get('window', geometry.IDENTITY_WINDOW), region, atol=1e-9)
 
 
 def test_min_iou_sampler_any_box_semantics_and_shape_limits():
@@ -99,12 +103,12 @@ def test_min_iou_sampler_any_box_semantics_and_shape_limits():
   rng = np.random.default_rng(3)
   found = []
   for _ in range(300):
-    crop = augment.sample_min_iou_crop(boxes, rng, min_ious=(0.7,), max_trials=50)
-    if not np.array_equal(crop, augment.IDENTITY_WINDOW):
+    crop = geometry.sample_min_iou_crop(boxes, rng, min_ious=(0.7,), max_trials=50)
+    if not np.array_equal(crop, geometry.IDENTITY_WINDOW):
       found.append(crop)
   found = np.array(found)
   assert len(found) > 100
-  ious = augment.iou_yxyx(found, boxes)
+  ious = geometry.iou_yxyx(found, boxes)
   # Either the 0.7 sampler (IoU >= 0.7 with some box) or the unconstrained one.
   h, w = found[:, 2] - found[:, 0], found[:, 3] - found[:, 1]
   assert np.all(h * w >= 0.3 ** 2 - 1e-9) and np.all(h * w <= 1 + 1e-9)
@@ -114,7 +118,7 @@ def test_min_iou_sampler_any_box_semantics_and_shape_limits():
   # Only the whole image qualifies without boxes.
   for _ in range(5):
     np.testing.assert_array_equal(
-        augment.sample_min_iou_crop(np.zeros((0, 4)), rng), augment.IDENTITY_WINDOW)
+        geometry.sample_min_iou_crop(np.zeros((0, 4)), rng), geometry.IDENTITY_WINDOW)
 
 
 def test_min_iou_sampler_rejects_crops_below_every_bound():
@@ -123,9 +127,9 @@ def test_min_iou_sampler_rejects_crops_below_every_bound():
   boxes = np.array([[0.0, 0.0, 0.05, 0.05]], np.float32)
   rng = np.random.default_rng(4)
   for _ in range(50):
-    crop = augment.sample_min_iou_crop(boxes, rng, min_ious=(0.95,), max_trials=20)
-    assert augment.iou_yxyx(crop[None], boxes).max() < 0.95 or np.array_equal(
-        crop, augment.IDENTITY_WINDOW)
+    crop = geometry.sample_min_iou_crop(boxes, rng, min_ious=(0.95,), max_trials=20)
+    assert geometry.iou_yxyx(crop[None], boxes).max() < 0.95 or np.array_equal(
+        crop, geometry.IDENTITY_WINDOW)
 
 
 def _red_square_example(encoded: bool):
@@ -159,9 +163,9 @@ def test_zoom_out_keeps_boxes_on_their_pixels(encoded):
   size = 120
   for seed in range(6):
     ex = _red_square_example(encoded)
-    out = augment.zoom_out(ex, np.random.default_rng(seed), max_ratio=3.0, prob=1.0)
+    out = geometry.zoom_out(ex, np.random.default_rng(seed), max_ratio=3.0, prob=1.0)
     assert 'window' in out
-    out = augment.resize(out, size=size, fill=MEAN)
+    out = resize_lib.resize(out, size=size, fill=MEAN)
     _check_red_box(out, size)
     # The canvas around the image is the mean colour.
     img = out['image']
@@ -174,12 +178,12 @@ def test_zoom_out_crop_flip_compose_into_one_resample():
   for seed in range(10):
     rng = np.random.default_rng(seed)
     ex = _red_square_example(encoded=False)
-    ex = augment.zoom_out(ex, rng, max_ratio=2.0, prob=1.0)
-    ex = augment.min_iou_crop(ex, rng, min_ious=(0.5,))
-    ex = augment.hflip(ex)
+    ex = geometry.zoom_out(ex, rng, max_ratio=2.0, prob=1.0)
+    ex = geometry.min_iou_crop(ex, rng, min_ious=(0.5,))
+    ex = geometry.hflip(ex)
     if len(ex['boxes']) == 0:
       continue
-    out = augment.resize(ex, size=size, fill=MEAN)
+    out = resize_lib.resize(ex, size=size, fill=MEAN)
     _check_red_box(out, size)
 
 
@@ -189,7 +193,7 @@ def test_photometric_draws_are_caffe_distributed():
   contrast_first = 0
   n = 2000
   for _ in range(n):
-    ops = augment.sample_photometric(rng)
+    ops = photometric.sample_photometric(rng)
     names = [o[0] for o in ops]
     for name, value in ops:
       counts[name] += 1
@@ -209,37 +213,37 @@ def test_photometric_pixel_ops_have_caffe_arithmetic():
   rng = np.random.default_rng(6)
   image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
   x = image.astype(np.float64)
-  bright = augment.apply_pixel_ops(image, [('brightness', 20.4)])
+  bright = photometric.apply_pixel_ops(image, [('brightness', 20.4)])
   np.testing.assert_array_equal(bright, np.clip(np.floor(x + 20.4 + 0.5), 0, 255))
-  contrast = augment.apply_pixel_ops(image, [('contrast', 1.3)])
+  contrast = photometric.apply_pixel_ops(image, [('contrast', 1.3)])
   np.testing.assert_array_equal(contrast, np.clip(np.floor(x * 1.3 + 0.5), 0, 255))
-  both = augment.apply_pixel_ops(image, [('brightness', -10.0), ('contrast', 0.7)])
+  both = photometric.apply_pixel_ops(image, [('brightness', -10.0), ('contrast', 0.7)])
   step = np.clip(np.floor(x - 10 + 0.5), 0, 255)
   np.testing.assert_array_equal(both, np.clip(np.floor(step * 0.7 + 0.5), 0, 255))
   # Hue: +30 OpenCV units = 60 degrees turns pure red into yellow.
   red = np.zeros((2, 2, 3), np.uint8)
   red[..., 0] = 255
-  np.testing.assert_array_equal(augment.apply_pixel_ops(red, [('hue', 30.0)])[0, 0], (255, 255, 0))
-  np.testing.assert_array_equal(augment.apply_pixel_ops(red, [('hue', -30.0)])[0, 0], (255, 0, 255))
+  np.testing.assert_array_equal(photometric.apply_pixel_ops(red, [('hue', 30.0)])[0, 0], (255, 255, 0))
+  np.testing.assert_array_equal(photometric.apply_pixel_ops(red, [('hue', -30.0)])[0, 0], (255, 0, 255))
   # Saturation: grey stays grey, 0.5 halves the chroma, values stay in range.
   grey = np.full((2, 2, 3), 77, np.uint8)
   grey[0, 0] = 0  # black: 0 / 0 inside HSV
   with np.errstate(all='raise'):
-    np.testing.assert_array_equal(augment.apply_pixel_ops(grey, [('saturation', 1.5)]), grey)
-    np.testing.assert_array_equal(augment.apply_pixel_ops(grey, [('hue', 5.0)]), grey)
+    np.testing.assert_array_equal(photometric.apply_pixel_ops(grey, [('saturation', 1.5)]), grey)
+    np.testing.assert_array_equal(photometric.apply_pixel_ops(grey, [('hue', 5.0)]), grey)
   colour = np.array([[[200, 100, 50]]], np.uint8)
-  np.testing.assert_array_equal(augment.apply_pixel_ops(colour, [('saturation', 0.5)])[0, 0],
+  np.testing.assert_array_equal(photometric.apply_pixel_ops(colour, [('saturation', 0.5)])[0, 0],
                                 (200, 150, 125))
-  strong = augment.apply_pixel_ops(image, [('saturation', 1.5), ('hue', 17.0), ('contrast', 1.5)])
+  strong = photometric.apply_pixel_ops(image, [('saturation', 1.5), ('hue', 17.0), ('contrast', 1.5)])
   assert strong.dtype == np.uint8 and strong.shape == image.shape
 
 
 def test_photometric_leaves_zoom_out_fill_alone():
   image = np.full((40, 40, 3), 100, np.uint8)
   ex = _example(image, [[0.2, 0.2, 0.5, 0.5]])
-  ex = augment.zoom_out(ex, np.random.default_rng(0), max_ratio=3.0, prob=1.0)
+  ex = geometry.zoom_out(ex, np.random.default_rng(0), max_ratio=3.0, prob=1.0)
   ex['pixel_ops'] = [('brightness', 30.0)]
-  out = augment.resize(ex, size=90, fill=MEAN)['image']
+  out = resize_lib.resize(ex, size=90, fill=MEAN)['image']
   values = {tuple(int(c) for c in v) for v in out.reshape(-1, 3)}
   # Image pixels are brightened to exactly 130; the canvas stays the mean.
   assert values == {tuple(MEAN), (130, 130, 130)}
@@ -249,40 +253,40 @@ def test_resize_and_normalize():
   image = np.zeros((30, 60, 3), np.uint8)
   image[..., 0] = 10
   image[..., 2] = 250
-  ex = augment.resize(_example(image, [[0, 0, 1, 1]]), size=20)
+  ex = resize_lib.resize(_example(image, [[0, 0, 1, 1]]), size=20)
   assert ex['image'].shape == (20, 20, 3)
-  rgb = augment.normalize(ex, mean=(10, 0, 250), std=(2, 1, 1))['image']
+  rgb = resize_lib.normalize(ex, mean=(10, 0, 250), std=(2, 1, 1))['image']
   assert rgb.dtype == np.float32
   np.testing.assert_allclose(rgb, 0.0, atol=1e-6)
-  bgr = augment.normalize(ex, mean=(250, 0, 10), std=(1, 1, 1), bgr=True)['image']
+  bgr = resize_lib.normalize(ex, mean=(250, 0, 10), std=(1, 1, 1), bgr=True)['image']
   np.testing.assert_allclose(bgr, 0.0, atol=1e-6)
 
 
 @pytest.mark.parametrize('on_device', [True, False])
 def test_ops_from_config(on_device):
   cfg = config_blocks.data(pixels_on_device=on_device)
-  ops = augment.train_ops(cfg, 64)
+  ops = ops_lib.train_ops(cfg, batch_layout.InputSpec.from_config(cfg, 64))
   # + resize, and normalize on the host path
   assert len(ops) == len(cfg.augment) + (1 if on_device else 2)
   rng = np.random.default_rng(7)
   image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
   for seed in range(10):
-    out = augment.apply(ops, _example(image, _random_boxes(rng, 5)), np.random.default_rng(seed))
+    out = ops_lib.apply(ops, _example(image, _random_boxes(rng, 5)), np.random.default_rng(seed))
     assert out['image'].shape == (64, 64, 3)
     assert out['image'].dtype == (np.uint8 if on_device else np.float32)
     assert ('photometric_stages' in out) == on_device and 'pixel_ops' not in out
     b = out['boxes']
     assert np.all((b >= 0) & (b <= 1)) and np.all(b[:, 2:] > b[:, :2])
     assert len(out['labels']) == len(b) == len(out['ignore'])
-  out = augment.apply(augment.eval_ops(cfg, 32), _example(image, [[0, 0, 1, 1]]), None)
+  out = ops_lib.apply(ops_lib.eval_ops(cfg, batch_layout.InputSpec.from_config(cfg, 32)), _example(image, [[0, 0, 1, 1]]), None)
   assert out['image'].shape == (32, 32, 3)
   cfg.resize_method = 'random'   # Caffe's per-image interpolation choice
-  out = augment.apply(augment.train_ops(cfg, 64), _example(image, [[0, 0, 1, 1]]),
+  out = ops_lib.apply(ops_lib.train_ops(cfg, batch_layout.InputSpec.from_config(cfg, 64)), _example(image, [[0, 0, 1, 1]]),
                       np.random.default_rng(0))
   assert out['image'].shape == (64, 64, 3)
   cfg.augment = ['photometric', 'rotate']
   with pytest.raises(ValueError, match='rotate'):
-    augment.train_ops(cfg, 64)
+    ops_lib.train_ops(cfg, batch_layout.InputSpec.from_config(cfg, 64))
 
 
 @pytest.mark.parametrize('method, atol', [('bilinear', 1.5), ('nearest', 2.6), ('opencv', 1.5)])
@@ -297,12 +301,12 @@ def test_resample_follows_the_window_exactly(method, atol):
   for seed in range(8):
     rng = np.random.default_rng(seed)
     ex = _example(image, [[0.4, 0.4, 0.6, 0.6]])
-    ex = augment.zoom_out(ex, rng, max_ratio=2.5, prob=1.0)
-    ex = augment.min_iou_crop(ex, rng, min_ious=(0.1,))
+    ex = geometry.zoom_out(ex, rng, max_ratio=2.5, prob=1.0)
+    ex = geometry.min_iou_crop(ex, rng, min_ious=(0.1,))
     if seed % 2:
-      ex = augment.hflip(ex)
-    wy0, wx0, wy1, wx1 = ex.get('window', augment.IDENTITY_WINDOW)
-    out = augment.resize(ex, size=size, fill=MEAN, method=method)['image'].astype(float)
+      ex = geometry.hflip(ex)
+    wy0, wx0, wy1, wx1 = ex.get('window', geometry.IDENTITY_WINDOW)
+    out = resize_lib.resize(ex, size=size, fill=MEAN, method=method)['image'].astype(float)
     u = (np.arange(size) + 0.5) / size
     src_x = (wx0 + u * (wx1 - wx0)) * w - 0.5   # source pixel-centre coordinates
     src_y = (wy0 + u * (wy1 - wy0)) * h - 0.5
@@ -322,26 +326,26 @@ def test_opencv_resample_matches_pil_on_smooth_images():
   rng = np.random.default_rng(5)
   yy, xx = np.mgrid[0:90, 0:130]
   smooth = np.stack([xx * 1.5, yy * 2.0, 100 + 50 * np.sin(xx / 9.0)], -1).astype(np.uint8)
-  ex = augment.reframe(_example(smooth, [[0.2, 0.2, 0.5, 0.5]]), (0.1, 0.05, 0.93, 0.88))
-  pil = augment.resize(ex, size=70, fill=MEAN, method='bilinear')['image'].astype(float)
-  cv = augment.resize(ex, size=70, fill=MEAN, method='opencv')['image'].astype(float)
+  ex = geometry.reframe(_example(smooth, [[0.2, 0.2, 0.5, 0.5]]), (0.1, 0.05, 0.93, 0.88))
+  pil = resize_lib.resize(ex, size=70, fill=MEAN, method='bilinear')['image'].astype(float)
+  cv = resize_lib.resize(ex, size=70, fill=MEAN, method='opencv')['image'].astype(float)
   assert np.abs(pil - cv)[2:-2, 2:-2].max() <= 2.0
   noise = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
-  ex = augment.reframe(_example(noise, [[0.2, 0.2, 0.5, 0.5]]), (0.1, 0.05, 0.93, 0.88))
-  pil = augment.resize(ex, size=70, fill=MEAN, method='bilinear')['image'].astype(float)
-  cv = augment.resize(ex, size=70, fill=MEAN, method='opencv')['image'].astype(float)
+  ex = geometry.reframe(_example(noise, [[0.2, 0.2, 0.5, 0.5]]), (0.1, 0.05, 0.93, 0.88))
+  pil = resize_lib.resize(ex, size=70, fill=MEAN, method='bilinear')['image'].astype(float)
+  cv = resize_lib.resize(ex, size=70, fill=MEAN, method='opencv')['image'].astype(float)
   assert np.abs(pil - cv).mean() > 3.0
   with pytest.raises(ValueError, match='resize method'):
-    augment.resize(ex, size=70, fill=MEAN, method='cubic')
+    resize_lib.resize(ex, size=70, fill=MEAN, method='cubic')
 
 
 def test_opencv_resample_without_opencv_is_a_clear_error(monkeypatch):
   monkeypatch.setitem(sys.modules, 'cv2', None)   # import cv2 -> ImportError
-  augment._cv2.cache_clear()
+  resize_lib._cv2.cache_clear()
   try:
     ex = _example(np.zeros((20, 30, 3), np.uint8), [[0.2, 0.2, 0.5, 0.5]])
-    ex = augment.reframe(ex, (0.1, 0.1, 0.9, 0.9))
+    ex = geometry.reframe(ex, (0.1, 0.1, 0.9, 0.9))
     with pytest.raises(ImportError, match=r'smallssd_jax\[opencv\]'):
-      augment.resize(ex, size=16, fill=MEAN, method='opencv')
+      resize_lib.resize(ex, size=16, fill=MEAN, method='opencv')
   finally:
-    augment._cv2.cache_clear()
+    resize_lib._cv2.cache_clear()

@@ -1,4 +1,4 @@
-"""`python -m smallssd_jax.bench` and `bench_layers` run end to end on the tiny config (no timing is checked)."""
+"""`python -m smallssd_jax.tools.bench` and `tools.bench_layers` run end to end on the tiny config (no timing is checked)."""
 
 import importlib.util
 import json
@@ -22,7 +22,7 @@ def test_bench_smoke(tmp_path):
   env.update(JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true')
   result = subprocess.run(
-      [sys.executable, '-m', 'smallssd_jax.bench', '--config=configs/default.py:runlocal',
+      [sys.executable, '-m', 'smallssd_jax.tools.bench', '--config=configs/default.py:runlocal',
        '--batch', '2', '--steps', '2', '--warmup', '0', '--compare-torchvision', f'--json={out}',
        # The accelerator path (sources resampled in the step) on this CPU.
        '--config.data.resample_on_device=True'],
@@ -58,20 +58,20 @@ def test_bench_smoke(tmp_path):
 
 
 def test_paired_seconds_alternates_the_calls():
-  from smallssd_jax import bench  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.tools import timing  # pylint: disable=g-import-not-at-top
   calls = []
   fns = {'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}
-  times = bench.paired_seconds(fns, 3)
+  times = timing.paired_seconds(fns, 3)
   assert calls == ['a', 'a', 'b', 'b'] * 3   # an untimed call before each timed one
   assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3}
   assert all(t >= 0 for v in times.values() for t in v)
   calls.clear()
-  bench.paired_seconds(fns, 2, untimed=0)
+  timing.paired_seconds(fns, 2, untimed=0)
   assert calls == ['a', 'b'] * 2
 
 
 def test_synthetic_batch_has_the_pipeline_shapes():
-  from smallssd_jax import bench  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.tools import bench  # pylint: disable=g-import-not-at-top
   from smallssd_jax.config_blocks import load_config  # pylint: disable=g-import-not-at-top
   from smallssd_jax.datasets import pipeline  # pylint: disable=g-import-not-at-top
   cfg = load_config(str(REPO / 'configs' / 'default.py') + ':runlocal')
@@ -92,7 +92,7 @@ def test_synthetic_batch_has_the_pipeline_shapes():
 
 
 def test_report_shows_skipped_data_and_torchvision_ratios():
-  from smallssd_jax import bench  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.tools import bench  # pylint: disable=g-import-not-at-top
   entry = {'value': 2.0, 'device': '1x cpu:cpu'}
   results = {
       'config': 'configs/ssd300_voc0712.py', 'batch': 8, 'steps': 10, 'warmup': 2,
@@ -127,7 +127,7 @@ def _two_convs(x, w1, w2):
 
 
 def test_bench_layers_finds_and_counts_convolutions():
-  from smallssd_jax import bench_layers  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.tools import bench_layers  # pylint: disable=g-import-not-at-top
   x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
   w1 = jax.ShapeDtypeStruct((3, 3, 3, 8), jnp.float32)
   w2 = jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32)
@@ -141,7 +141,7 @@ def test_bench_layers_finds_and_counts_convolutions():
 
 def test_bench_layers_torch_convolution_is_the_same_convolution():
   torch = pytest.importorskip('torch')
-  from smallssd_jax import bench_layers  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.tools import bench_layers  # pylint: disable=g-import-not-at-top
   cases = [((2, 12, 12, 4), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1)), (1, 1)),
            ((2, 13, 13, 4), (3, 3, 4, 6), (2, 2), ((0, 1), (0, 1)), (1, 1)),   # asymmetric
            ((1, 19, 19, 8), (3, 3, 8, 16), (1, 1), ((6, 6), (6, 6)), (6, 6))]   # dilated
@@ -158,7 +158,7 @@ def test_bench_layers_torch_convolution_is_the_same_convolution():
 
 
 def test_bench_layers_report():
-  from smallssd_jax import bench_layers  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.tools import bench_layers  # pylint: disable=g-import-not-at-top
   from smallssd_jax.config_blocks import load_config  # pylint: disable=g-import-not-at-top
   cfg = load_config(str(REPO / 'configs' / 'default.py') + ':runlocal')
   model = bench_layers.model_convolutions(cfg, batch=2)

@@ -16,6 +16,7 @@ import pytest
 
 from smallssd_jax import anchors as anchor_lib
 from smallssd_jax import config_blocks
+from smallssd_jax.models import cpu
 from smallssd_jax.models import detector
 from smallssd_jax.models import heads
 from smallssd_jax.models import layers
@@ -447,7 +448,7 @@ def test_scaled_channels():
 @pytest.mark.parametrize('shape', [(2, 5, 7, 3), (4, 1, 1, 16), (3, 8)])
 def test_channel_sum_is_the_sum_over_leading_axes(shape):
   x = np.random.RandomState(0).randn(*shape).astype(np.float32)
-  got = jax.jit(layers.channel_sum)(jnp.asarray(x))
+  got = jax.jit(cpu.channel_sum)(jnp.asarray(x))
   np.testing.assert_allclose(got, x.astype(np.float64).reshape(-1, shape[-1]).sum(0),
                              rtol=1e-5, atol=1e-5)
 
@@ -460,7 +461,7 @@ def _random_like(tree, seed):
 @pytest.mark.parametrize('stride,padding,dilation', [(1, 1, 1), (2, 0, 1), (1, 4, 2)])
 def test_conv_matches_flax_conv_forward_and_gradients(stride, padding, dilation):
   x = jnp.asarray(np.random.RandomState(0).randn(2, 9, 11, 5).astype(np.float32))
-  ours = layers.conv2d(7, 3, stride=stride, padding=padding, dilation=dilation)
+  ours = layers.conv2d(7, 3, stride=stride, padding=padding, dilation=dilation, conv=cpu.Conv)
   ref = nn.Conv(7, (3, 3), strides=(stride, stride), padding=((padding, padding),) * 2,
                 kernel_dilation=(dilation, dilation))
   variables = _random_like(ref.init(jax.random.key(0), x), 1)
@@ -477,7 +478,7 @@ def test_conv_matches_flax_conv_forward_and_gradients(stride, padding, dilation)
 
 @pytest.mark.parametrize('poison', ['none', 'input', 'kernel'])
 def test_conv_nhwc_gradients_equal_the_plain_convolution(poison):
-  """The stored input (layers.py) changes nothing, NaNs included, and is a conditional on the CPU."""
+  """The stored input (models/cpu.py) changes nothing, NaNs included, and is a conditional on the CPU."""
   rs = np.random.RandomState(0)
   x, kernel = rs.randn(2, 9, 11, 5).astype(np.float32), rs.randn(3, 3, 5, 4).astype(np.float32)
   if poison == 'input':
@@ -491,22 +492,22 @@ def test_conv_nhwc_gradients_equal_the_plain_convolution(poison):
     loss = lambda x, k: jnp.sum(jnp.sin(conv(x, k, spec)) * weights)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
-  got = grads(layers.conv_nhwc)(x, kernel)
-  want = grads(layers._conv_apply)(x, kernel)   # pylint: disable=protected-access
+  got = grads(cpu.conv_nhwc)(x, kernel)
+  want = grads(cpu._conv_apply)(x, kernel)   # pylint: disable=protected-access
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
   assert np.isnan(np.asarray(got[1][1])).any() == (poison != 'none')
-  hlo = grads(layers.conv_nhwc).lower(x, kernel).compile().as_text()
+  hlo = grads(cpu.conv_nhwc).lower(x, kernel).compile().as_text()
   assert ('conditional' in hlo) == (jax.default_backend() == 'cpu')
   # Inference (no gradient) runs the convolution alone.
-  forward = jax.jit(lambda x, k: layers.conv_nhwc(x, k, spec)).lower(x, kernel).compile()
+  forward = jax.jit(lambda x, k: cpu.conv_nhwc(x, k, spec)).lower(x, kernel).compile()
   assert 'conditional' not in forward.as_text()
 
 
 @pytest.mark.parametrize('train', [True, False])
 def test_batch_norm_matches_flax_batch_norm(train):
   x = jnp.asarray(np.random.RandomState(0).randn(4, 5, 6, 3).astype(np.float32) * 3 + 1)
-  ours = layers.BatchNorm(use_running_average=not train)
+  ours = cpu.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
   ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
   variables = ref.init(jax.random.key(0), x)
   assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(variables)
@@ -540,7 +541,27 @@ def test_batch_norm_averages_statistics_over_the_axis():
     np.testing.assert_allclose(np.asarray(g)[1], np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
-def test_registry_names_match_presets():
+@pytest.mark.parametrize('name', ['ssd', 'dfssd', 'skipfpn'])
+def test_cpu_kernels_are_a_drop_in_for_flax_layers(name):
+  """The CPU build and the plain-Flax build: the same variables, the same outputs."""
+  blocks = config_blocks.model(name, num_classes=4)
+  blocks.model.width = 1 / 16
+  blocks.model.backbone_batch_norm = True
+  per_location = anchor_lib.anchors_per_location(blocks.anchors)
+  on_cpu = models.build_detector(blocks.model, per_location, backend='cpu')
+  plain = models.build_detector(blocks.model, per_location, backend='gpu')
+  size = blocks.model.input_size
+  x = jnp.asarray(np.random.RandomState(0).randn(2, size, size, 3).astype(np.float32))
+  variables = plain.init(jax.random.key(0), x)
+  assert jax.tree.structure(on_cpu.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+  for train in (False, True):
+    outs = [m.apply(variables, x, train=train, mutable=['batch_stats'])[0] for m in (on_cpu, plain)]
+    for k in outs[1]:
+      np.testing.assert_allclose(np.asarray(outs[0][k]), np.asarray(outs[1][k]), rtol=2e-3,
+                                 atol=2e-3, err_msg=f'{name} {k} train={train}')
+
+
+def test_registry_names_match_the_models():
   for make in config_blocks.MODELS.values():
     model = make().model
     assert model.backbone in detector.BACKBONES
@@ -550,7 +571,7 @@ def test_registry_names_match_presets():
 
 
 def test_summary_reports_levels_priors_params_and_flops():
-  from smallssd_jax import summary  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.tools import summary  # pylint: disable=g-import-not-at-top
   preset = config_blocks.dfssd_model(300)
   preset.model.width = 1 / 16
   text = summary.summarize(preset, flops=True)

@@ -9,7 +9,7 @@ import pytest
 
 from smallssd_jax import config_blocks
 from smallssd_jax.datasets import __main__ as audit_tool
-from smallssd_jax.datasets import bench
+from smallssd_jax.tools import bench_data as bench
 from smallssd_jax.datasets import pipeline
 from smallssd_jax.datasets import records
 

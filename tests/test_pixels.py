@@ -8,7 +8,10 @@ import pytest
 
 from smallssd_jax import pixels
 from smallssd_jax import config_blocks
-from smallssd_jax.datasets import augment
+from smallssd_jax import batch_layout
+from smallssd_jax.datasets import ops as ops_lib
+from smallssd_jax.datasets import photometric
+from smallssd_jax.datasets import resize as resize_lib
 from smallssd_jax.datasets import pipeline
 
 SIZE = 48
@@ -23,7 +26,7 @@ def _device(images, stages, region=None):
 
 
 def _host(image, ops):
-  return augment.apply_pixel_ops(image, ops).astype(np.float32)
+  return photometric.apply_pixel_ops(image, ops).astype(np.float32)
 
 
 def test_brightness_and_contrast_match_the_host_exactly():
@@ -33,7 +36,7 @@ def test_brightness_and_contrast_match_the_host_exactly():
   images = rng.integers(0, 256, (6, 9, 11, 3), dtype=np.uint8)
   cases = [[('brightness', 20.25)], [('brightness', -31.5)], [('contrast', 1.375)],
            [('brightness', -10.0), ('contrast', 0.75)], [('contrast', 0.5)], []]
-  stages = [[augment.stage_vector(ops)] for ops in cases]
+  stages = [[photometric.stage_vector(ops)] for ops in cases]
   out = _device(images, stages)
   for image, ops, got in zip(images, cases, out):
     np.testing.assert_array_equal(got, _host(image, ops), err_msg=str(ops))
@@ -68,8 +71,8 @@ def test_random_caffe_draws_match_the_host_path():
   n = 64
   images = rng.integers(0, 256, (n, 12, 12, 3), dtype=np.uint8)
   images[:4] = images[:4, :, :, :1]  # greys (chroma 0) too
-  draws = [augment.sample_photometric(rng, prob=0.8) for _ in range(n)]
-  out = _device(images, [[augment.stage_vector(ops)] for ops in draws])
+  draws = [photometric.sample_photometric(rng, prob=0.8) for _ in range(n)]
+  out = _device(images, [[photometric.stage_vector(ops)] for ops in draws])
   worst, differing = 0.0, 0
   for image, ops, got in zip(images, draws, out):
     diff = np.abs(got - _host(image, ops))
@@ -86,25 +89,25 @@ def test_two_stages_apply_in_order():
   images = rng.integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
   first = [('brightness', 12.0), ('saturation', 1.3), ('contrast', 0.8)]
   second = [('contrast', 1.2), ('hue', -7.0)]
-  out = _device(images, [[augment.stage_vector(first), augment.stage_vector(second)]])
+  out = _device(images, [[photometric.stage_vector(first), photometric.stage_vector(second)]])
   want = _host(images[0], first + second)
   assert np.abs(out[0] - want).max() <= 1.0
 
 
 def test_stage_vector_slots():
-  np.testing.assert_array_equal(augment.stage_vector([]), augment.IDENTITY_STAGE)
+  np.testing.assert_array_equal(photometric.stage_vector([]), batch_layout.IDENTITY_STAGE)
   np.testing.assert_allclose(
-      augment.stage_vector([('brightness', 3.0), ('contrast', 0.6), ('hue', 4.0)]),
+      photometric.stage_vector([('brightness', 3.0), ('contrast', 0.6), ('hue', 4.0)]),
       [3.0, 0.6, 1.0, 4.0, 1.0])
   np.testing.assert_allclose(
-      augment.stage_vector([('saturation', 1.2), ('contrast', 1.4)]), [0.0, 1.0, 1.2, 0.0, 1.4])
+      photometric.stage_vector([('saturation', 1.2), ('contrast', 1.4)]), [0.0, 1.0, 1.2, 0.0, 1.4])
   with pytest.raises(ValueError, match='unknown pixel op'):
-    augment.stage_vector([('gamma', 2.0)])
+    photometric.stage_vector([('gamma', 2.0)])
 
 
 def test_only_the_image_region_is_distorted():
   images = np.full((2, 10, 10, 3), 100, np.uint8)
-  stage = [augment.stage_vector([('brightness', 30.0)])]
+  stage = [photometric.stage_vector([('brightness', 30.0)])]
   region = np.array([[2, 7, 3, 10], [0, 0, 0, 0]], np.int32)
   out = _device(images, [stage, stage], region)
   want = np.full((2, 10, 10, 3), 100.0)
@@ -117,13 +120,15 @@ def test_normalize_matches_the_host(bgr, std):
   rng = np.random.default_rng(3)
   image = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
   mean = (104.0, 117.0, 123.0)
-  cfg = pixels.PixelConfig(mean, std, bgr)
-  got = np.asarray(pixels.model_input({'image': image[None]}, cfg))[0]
-  want = augment.normalize({'image': image}, mean=mean, std=std, bgr=bgr)['image']
+  spec = lambda layout: batch_layout.InputSpec(layout, layout, 7, mean, std, bgr, (0.0,) * 3,
+                                               (0, 0))
+  got = np.asarray(pixels.model_input({'image': image[None]},
+                                      spec(batch_layout.Layout.PIXELS), False))[0]
+  want = resize_lib.normalize({'image': image}, mean=mean, std=std, bgr=bgr)['image']
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
-  # Float batches are the model input already.
+  # Float batches of the host layout are the model input already.
   floats = want[None]
-  assert pixels.model_input({'image': floats}, cfg) is floats
+  assert pixels.model_input({'image': floats}, spec(batch_layout.Layout.HOST), False) is floats
 
 
 def _config(on_device):
@@ -147,13 +152,13 @@ def test_train_batches_on_device_equal_the_host_path():
   for key in ('boxes', 'labels', 'mask', 'ignore', 'image_id'):
     np.testing.assert_array_equal(device_batch[key], host_batch[key], err_msg=key)
   assert device_batch['image'].dtype == np.uint8
-  cfg = pixels.PixelConfig.from_data_config(_config(True).data)
-  got = np.asarray(jax.jit(pixels.model_input, static_argnums=1)(device_batch, cfg))
+  spec = batch_layout.InputSpec.from_config(_config(True).data, SIZE)
+  got = np.asarray(jax.jit(pixels.model_input, static_argnums=(1, 2))(device_batch, spec, True))
   diff = np.abs(got - host_batch['image'])
   assert diff.max() <= 2.0  # the host's hue table (test_random_caffe_draws_match_the_host_path)
   assert np.mean(diff > 0) < 0.05
   # Some images were distorted, and some zoomed out (region smaller than the frame).
-  assert np.any(device_batch['photometric'] != np.asarray(augment.IDENTITY_STAGE))
+  assert np.any(device_batch['photometric'] != np.asarray(batch_layout.IDENTITY_STAGE))
   r0, r1, c0, c1 = device_batch['image_region'].T
   assert np.any((r1 - r0) * (c1 - c0) < SIZE * SIZE)
 
@@ -162,10 +167,10 @@ def test_eval_batches_on_device_equal_the_host_path():
   device_batch = next(iter(pipeline.make_eval_batches(_config(True))))
   host_batch = next(iter(pipeline.make_eval_batches(_config(False))))
   assert device_batch['image'].dtype == np.uint8 and 'photometric' not in device_batch
-  cfg = pixels.PixelConfig.from_data_config(_config(True).data)
+  spec = batch_layout.InputSpec.from_config(_config(True).data, SIZE)
   real = host_batch['example_mask']
   assert real.sum() == 8 and np.array_equal(device_batch['example_mask'], real)
-  np.testing.assert_allclose(np.asarray(pixels.model_input(device_batch, cfg))[real],
+  np.testing.assert_allclose(np.asarray(pixels.model_input(device_batch, spec, False))[real],
                              host_batch['image'][real], atol=1e-5)
 
 
@@ -173,6 +178,6 @@ def test_normalize_listed_with_pixels_on_device_is_an_error():
   cfg = _config(True)
   cfg.data.augment = ['flip', 'normalize']
   with pytest.raises(ValueError, match='pixels_on_device'):
-    augment.train_ops(cfg.data, SIZE)
+    ops_lib.train_ops(cfg.data, batch_layout.InputSpec.from_config(cfg.data, SIZE))
   cfg.data.pixels_on_device = False
-  assert len(augment.train_ops(cfg.data, SIZE)) == 3
+  assert len(ops_lib.train_ops(cfg.data, batch_layout.InputSpec.from_config(cfg.data, SIZE))) == 3

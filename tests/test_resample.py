@@ -11,7 +11,8 @@ from smallssd_jax import pixels
 from smallssd_jax import config_blocks
 from smallssd_jax import train
 from smallssd_jax.config_blocks import load_config
-from smallssd_jax.datasets import augment
+from smallssd_jax import batch_layout
+from smallssd_jax.datasets import resize as resize_lib
 from smallssd_jax.datasets import pipeline
 from smallssd_jax.datasets import records
 from smallssd_jax import task as task_lib
@@ -71,7 +72,7 @@ def _example(image, window):
 
 
 def _device_resize(image, window, size, canvas):
-  ex = augment.resize(_example(image, window), size=size, fill=FILL, source_canvas=canvas)
+  ex = resize_lib.resize(_example(image, window), size=size, fill=FILL, source_canvas=canvas)
   out = jax.jit(pixels.resample, static_argnums=(4, 5))(
       ex['image'][None], ex['source_size'][None], ex['window'][None],
       ex['image_region'][None], size, FILL)
@@ -93,7 +94,7 @@ WINDOWS = [
 def test_device_resample_is_the_host_resize(window):
   image = _photo(75, 110)
   size = 60
-  host = augment.resize(_example(image, window), size=size, fill=FILL)
+  host = resize_lib.resize(_example(image, window), size=size, fill=FILL)
   ex, got = _device_resize(image, window, size, (80, 128))
   assert ex['image'].shape == (80, 128, 3) and ex['image'].dtype == np.uint8
   np.testing.assert_array_equal(ex['source_size'], (75, 110))
@@ -113,7 +114,7 @@ def test_device_resample_is_the_host_resize(window):
   assert np.mean(diff > 0) < 0.15
   assert np.mean(diff > 1) < 1e-3
   # And far from a plain nearest-neighbour picture: the resample is the PIL one.
-  nearest = augment.resize(_example(image, window), size=size, fill=FILL, method='nearest')
+  nearest = resize_lib.resize(_example(image, window), size=size, fill=FILL, method='nearest')
   on_image = ~outside
   assert np.abs(got - nearest['image'])[on_image].mean() > 2 * diff[on_image].mean() + 1.0
 
@@ -127,11 +128,11 @@ def test_a_source_larger_than_the_canvas_is_shrunk_to_fit(caplog):
   np.testing.assert_array_equal(ex['source_size'], (40, 64))
   # The same as the host path on the source shrunk by PIL to fit...
   shrunk = np.asarray(Image.fromarray(image).resize((64, 40), Image.BILINEAR))
-  host = augment.resize(_example(shrunk, window), size=48, fill=FILL)['image']
+  host = resize_lib.resize(_example(shrunk, window), size=48, fill=FILL)['image']
   diff = np.abs(got - host)
   assert diff.max() <= 2.0 and np.mean(diff > 0) < 0.15
   # ...which is near the full-resolution result (one more antialiasing pass).
-  direct = augment.resize(_example(image, window), size=48, fill=FILL)['image']
+  direct = resize_lib.resize(_example(image, window), size=48, fill=FILL)['image']
   assert np.abs(got - direct).mean() < 8.0
 
 
@@ -157,10 +158,11 @@ def test_train_batches_resampled_in_the_step_equal_the_host_path():
   assert device_batch['image'].shape == (8, 64, 64, 3)
   np.testing.assert_array_equal(device_batch['source_size'], np.full((8, 2), 64))
   assert 'window' not in host_batch
-  px = pixels.PixelConfig.from_data_config(cfg.data, 48)
-  model_input = jax.jit(pixels.model_input, static_argnums=1)
-  got = np.asarray(model_input(device_batch, px))
-  want = np.asarray(model_input(host_batch, px))
+  device_spec = batch_layout.InputSpec.from_config(cfg.data, 48)
+  host_spec = batch_layout.InputSpec.from_config(_config(False).data, 48)
+  model_input = jax.jit(pixels.model_input, static_argnums=(1, 2))
+  got = np.asarray(model_input(device_batch, device_spec, True))
+  want = np.asarray(model_input(host_batch, host_spec, True))
   diff = np.abs(got - want)
   # A one-level resample difference grows by the photometric gains (up to 1.5 twice).
   assert diff.max() <= 3.0
@@ -185,6 +187,7 @@ def test_the_train_step_takes_source_batches():
   assert 'window' not in host and source['image'].shape == host['image'].shape
   host['window'] = np.tile(np.array([0, 0, 1, 1], np.float32), (2, 1))
   host['source_size'] = np.full((2, 2), size, np.int32)
+  cfg.data.resample_on_device = 'True'      # both batches in the source layout
   detector = task_lib.build_task(cfg)
   variables = detector.module.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32),
                                    train=False)
@@ -196,38 +199,45 @@ def test_the_train_step_takes_source_batches():
   assert np.any(source['window'] != host['window'])  # the step really resampled
 
 
+def resamples(data_cfg) -> bool:
+  """Whether train batches carry the sources for the step to resample."""
+  layout = batch_layout.InputSpec.from_config(data_cfg, 48).train_layout
+  return layout == batch_layout.Layout.RESAMPLE
+
+
 def test_config_choices():
   cfg = _config('auto')
-  assert augment.resample_on_device(cfg.data) is (jax.default_backend() != 'cpu')
+  assert resamples(cfg.data) is (jax.default_backend() != 'cpu')
   cfg.data.resample_on_device = 'True'
-  assert augment.resample_on_device(cfg.data)
-  assert augment.source_canvas(cfg.data) == (64, 64)
+  assert resamples(cfg.data)
+  assert batch_layout.source_canvas(cfg.data) == (64, 64)
   for name, canvas in [('voc', (512, 512)), ('kitti', (384, 1248)), ('coco', (640, 640)),
                        ('tfds:voc/2007', (512, 512))]:
     cfg.data.name = name
-    assert augment.source_canvas(cfg.data) == canvas, name
+    assert batch_layout.source_canvas(cfg.data) == canvas, name
   cfg.data.source_canvas = [600, 1000]
-  assert augment.source_canvas(cfg.data) == (600, 1000)
+  assert batch_layout.source_canvas(cfg.data) == (600, 1000)
   for bad in ([600], [0, 512]):
     cfg.data.source_canvas = bad
     with pytest.raises(ValueError, match='source_canvas'):
-      augment.source_canvas(cfg.data)
+      batch_layout.source_canvas(cfg.data)
+  cfg.data.source_canvas = [0, 0]
   cfg.data.resize_method = 'nearest'
   with pytest.raises(ValueError, match="resize_method is 'nearest'"):
-    augment.resample_on_device(cfg.data)
+    resamples(cfg.data)
   cfg.data.resample_on_device = 'auto'
-  assert not augment.resample_on_device(cfg.data)  # 'auto' falls back to the host
+  assert not resamples(cfg.data)  # 'auto' falls back to the host
   cfg.data.resize_method = 'bilinear'
   cfg.data.pixels_on_device = False
   cfg.data.resample_on_device = 'True'
   with pytest.raises(ValueError, match='needs data.pixels_on_device'):
-    augment.resample_on_device(cfg.data)
+    resamples(cfg.data)
   # The field holds 'auto', so the command line sets it as a string.
   cfg.data.pixels_on_device = True
   cfg.data.resample_on_device = 'False'
-  assert augment.resample_on_device(cfg.data) is False
+  assert resamples(cfg.data) is False
   cfg.data.resample_on_device = 'true'
-  assert augment.resample_on_device(cfg.data) is True
+  assert resamples(cfg.data) is True
   cfg.data.resample_on_device = 'maybe'
   with pytest.raises(ValueError, match="data.resample_on_device must be True, False or 'auto'"):
-    augment.resample_on_device(cfg.data)
+    resamples(cfg.data)

@@ -10,7 +10,9 @@ from PIL import Image
 import pytest
 
 from smallssd_jax import config_blocks
-from smallssd_jax.datasets import augment
+from smallssd_jax import batch_layout
+from smallssd_jax.datasets import ops as ops_lib
+from smallssd_jax.datasets import resize as resize_lib
 from smallssd_jax.datasets import coco
 from smallssd_jax.datasets import kitti
 from smallssd_jax.datasets import pipeline
@@ -130,7 +132,7 @@ def test_voc_bad_inputs_name_file_and_reason(tmp_path, case, reason):
   src = _bad_voc(tmp_path, entries)
   with pytest.raises(records.BadExampleError, match=reason) as info:
     ex = src.record(0)
-    augment.resize(ex, size=32)  # decoding happens here for truncated files
+    resize_lib.resize(ex, size=32)  # decoding happens here for truncated files
   assert '000001' in str(info.value)
   assert 'VOC2007' in info.value.key
 
@@ -171,7 +173,7 @@ def test_odd_image_modes_become_rgb_uint8(tmp_path, mode):
     assert np.all(np.abs(red_area - red_area[..., :1]) <= 1)
   else:
     assert red_area[..., 0].mean() > 200 and red_area[..., 1].mean() < 70
-  out = augment.resize(src.record(0), size=40)
+  out = resize_lib.resize(src.record(0), size=40)
   assert out['image'].shape == (40, 40, 3) and out['image'].dtype == np.uint8
 
 
@@ -179,7 +181,7 @@ def test_more_objects_than_max_boxes(tmp_path):
   img = _jpeg_bytes(_rgb())
   objects = ''.join(_voc_object('dog', (2 + i, 2, 10 + i, 10)) for i in range(5))
   src = _bad_voc(tmp_path, {'000001': (img, objects)})
-  ops = augment.eval_ops(config_blocks.data(), 32)
+  ops = ops_lib.eval_ops(config_blocks.data(), batch_layout.InputSpec.from_config(config_blocks.data(), 32))
   loader = pipeline.ExampleLoader(src, ops, 4, 'error')
   with pytest.raises(records.BadExampleError, match='5 objects, more than data.max_boxes=4') as e:
     loader(0, None)
@@ -195,7 +197,7 @@ def test_annotation_size_mismatch_is_bad(tmp_path):
   ex = _bad_voc(tmp_path, {'000001': (img, '')}).record(0)
   ex['orig_size'] = np.array([61, 80], np.int32)
   with pytest.raises(records.BadExampleError, match='annotation says'):
-    augment.resize(ex, size=16)
+    resize_lib.resize(ex, size=16)
 
 
 # ---------------------------------------------------------------------------

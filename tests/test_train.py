@@ -236,8 +236,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
   def poison_third_batch(local, mesh):
     calls.append(1)
     if len(calls) == 3:
-      # A float (model-input) batch of NaNs; uint8 batches cannot hold one.
-      local = dict(local, image=np.full(local['image'].shape, np.nan, np.float32))
+      # uint8 images cannot hold a NaN; the photometric draw the step applies can.
+      local = dict(local, photometric=np.full(local['photometric'].shape, np.nan, np.float32))
     return to_global_batch(local, mesh)
 
   monkeypatch.setattr(sharding, 'to_global_batch', poison_third_batch)

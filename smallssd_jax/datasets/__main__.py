@@ -22,7 +22,8 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
-from smallssd_jax.datasets import augment
+from smallssd_jax import batch_layout
+from smallssd_jax.datasets import resize as resize_lib
 from smallssd_jax.datasets import records
 from smallssd_jax.datasets import sources
 
@@ -70,7 +71,7 @@ def audit(config, split: str, check: bool, max_examples: int = 0,
       example = source.record(index)
       if check:
         # The same decode + size check the pipeline runs.
-        augment.resize(example, size=input_size, fill=augment.fill_colour(data_cfg))
+        resize_lib.resize(example, size=input_size, fill=batch_layout.fill_colour(data_cfg))
       if len(example['boxes']) > max_boxes:
         raise records.BadExampleError(
             example['key'],

@@ -26,14 +26,10 @@ Evaluation (`make_eval_batches`) is finite and unshuffled: every process
 gets the same number of batches (its shard padded with empty examples), and
 the `example_mask` field marks the real ones.
 
-Batch dict (docs/architecture.md): image [B, S, S, 3], uint8 RGB with
-`data.pixels_on_device` (then train batches also carry the photometric draw,
-photometric float32 [B, n, 5] and image_region int32 [B, 4], for the step's
-pixels.model_input; with `data.resample_on_device` train images are the
-decoded sources [B, Hc, Wc, 3] with window float32 [B, 4] and source_size
-int32 [B, 2]) or else float32 normalised on the host, boxes float32
-[B, M, 4] `[ymin, xmin, ymax, xmax]` normalised to the model input, labels
-int32 [B, M] (1..K, 0 on padding), mask bool [B, M], ignore bool [B, M],
+Batch dict (docs/architecture.md): `image` and its companions as the run's
+batch layout says (batch_layout.py, resolved once from the config), boxes
+float32 [B, M, 4] `[ymin, xmin, ymax, xmax]` normalised to the model input,
+labels int32 [B, M] (1..K, 0 on padding), mask bool [B, M], ignore bool [B, M],
 image_id int32 [B], orig_size int32 [B, 2] (h, w); eval batches also
 example_mask bool [B].
 """
@@ -49,7 +45,9 @@ from absl import logging
 import grain
 import numpy as np
 
-from smallssd_jax.datasets import augment
+from smallssd_jax import batch_layout
+from smallssd_jax.batch_layout import Layout
+from smallssd_jax.datasets import ops as ops_lib
 from smallssd_jax.datasets import records
 from smallssd_jax.datasets import sources
 
@@ -68,8 +66,9 @@ def _derive_seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def pad_example(example: records.Example, max_boxes: int) -> dict[str, np.ndarray]:
-  """Pads the ground truth to `max_boxes` with a mask; keeps only the batch fields."""
+def pad_example(example: records.Example, max_boxes: int,
+                layout: Layout = Layout.HOST, train: bool = False) -> dict[str, np.ndarray]:
+  """The batch fields of one example for `layout`; ground truth padded to `max_boxes`."""
   n = len(example['boxes'])
   if n > max_boxes:
     raise records.BadExampleError(
@@ -85,7 +84,7 @@ def pad_example(example: records.Example, max_boxes: int) -> dict[str, np.ndarra
   mask[:n] = True
   image = np.asarray(example['image'])
   out = {
-      'image': image if image.dtype == np.uint8 else image.astype(np.float32),
+      'image': image.astype(np.float32) if layout == Layout.HOST else image.astype(np.uint8),
       'boxes': boxes,
       'labels': labels,
       'mask': mask,
@@ -93,13 +92,16 @@ def pad_example(example: records.Example, max_boxes: int) -> dict[str, np.ndarra
       'image_id': np.int32(example['image_id']),
       'orig_size': np.asarray(example['orig_size'], np.int32).reshape(2),
   }
-  if 'photometric_stages' in example:  # photometric on the device (pixels.py)
-    out['photometric'] = np.stack(example['photometric_stages']).astype(np.float32)
-  if 'source_size' in example:  # the resample on the device (pixels.py)
+  if train and layout != Layout.HOST:
+    # The step's photometric draw (one stage per `photometric` op, none without
+    # one) and the rows / columns that hold image pixels rather than fill.
+    stages = example.get('photometric_stages', [])
+    out['photometric'] = (np.stack(stages).astype(np.float32) if stages
+                          else np.zeros((0, len(batch_layout.IDENTITY_STAGE)), np.float32))
+    out['image_region'] = np.asarray(example['image_region'], np.int32)
+  if train and layout == Layout.RESAMPLE:
     out['window'] = np.asarray(example['window'], np.float32)
     out['source_size'] = np.asarray(example['source_size'], np.int32)
-  if 'photometric' in out or 'window' in out:  # where the step finds image pixels
-    out['image_region'] = np.asarray(example['image_region'], np.int32)
   return out
 
 
@@ -126,13 +128,15 @@ class ExampleLoader:
   and returned as None when 'skip'.
   """
 
-  def __init__(self, source: records.Source, ops: Sequence[augment.Op], max_boxes: int,
-               on_bad_example: str):
+  def __init__(self, source: records.Source, ops: Sequence[ops_lib.Op], max_boxes: int,
+               on_bad_example: str, layout: Layout = Layout.HOST, train: bool = False):
     if on_bad_example not in ON_BAD:
       raise ValueError(f'data.on_bad_example must be one of {ON_BAD}, got {on_bad_example!r}')
     self.source = source
     self.ops = list(ops)
     self.max_boxes = int(max_boxes)
+    self.layout = layout
+    self.train = train
     self.on_bad_example = on_bad_example
 
   def __call__(self, index: int, rng: np.random.Generator | None) -> dict[str, Any] | None:
@@ -143,8 +147,8 @@ class ExampleLoader:
         raise records.BadExampleError(
             example['key'], f'{n} objects, more than data.max_boxes={self.max_boxes} '
             '(raise data.max_boxes)')
-      example = augment.apply(self.ops, example, rng)
-      return pad_example(example, self.max_boxes)
+      example = ops_lib.apply(self.ops, example, rng)
+      return pad_example(example, self.max_boxes, self.layout, self.train)
     except records.BadExampleError as e:
       if self.on_bad_example == 'error':
         raise
@@ -237,7 +241,7 @@ def _read_options(data_cfg) -> grain.ReadOptions:
 
   grain's default buffer (500 elements) would hold hundreds of batches.
   """
-  return grain.ReadOptions(num_threads=int(data_cfg.get('read_threads', 0)),
+  return grain.ReadOptions(num_threads=int(data_cfg.read_threads),
                            prefetch_buffer_size=max(1, int(data_cfg.prefetch)))
 
 
@@ -246,8 +250,14 @@ def _mp_options(data_cfg) -> grain.MultiprocessingOptions:
                                       per_worker_buffer_size=max(1, int(data_cfg.prefetch)))
 
 
+def input_spec(config) -> batch_layout.InputSpec:
+  """The run's batch layouts (resolved from the config and the JAX backend)."""
+  return batch_layout.InputSpec.from_config(config.data, int(config.model.input_size))
+
+
 def make_train_dataset(config, process_index: int = 0, process_count: int = 1,
-                       start_step: int = 0) -> grain.IterDataset:
+                       start_step: int = 0,
+                       spec: batch_layout.InputSpec | None = None) -> grain.IterDataset:
   """The training pipeline as a grain IterDataset (see the module docstring)."""
   data_cfg = config.data
   source = sources.get_source(data_cfg, data_cfg.train_split)
@@ -258,12 +268,12 @@ def make_train_dataset(config, process_index: int = 0, process_count: int = 1,
     raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
   global_batch = int(config.batch_size)
   batch_size = _per_process(global_batch, process_count, 'config.batch_size')
-  input_size = int(config.model.input_size)
-  loader = ExampleLoader(source, augment.train_ops(data_cfg, input_size),
-                         int(data_cfg.max_boxes), data_cfg.on_bad_example)
+  spec = spec or input_spec(config)
+  loader = ExampleLoader(source, ops_lib.train_ops(data_cfg, spec), int(data_cfg.max_boxes),
+                         data_cfg.on_bad_example, spec.train_layout, train=True)
   seed = int(config.seed)
   order = grain.MapDataset.range(len(source))
-  if int(data_cfg.get('shuffle_buffer', 0)) > 0:
+  if int(data_cfg.shuffle_buffer) > 0:
     order = grain.experimental.WindowShuffleMapDataset(
         order, window_size=int(data_cfg.shuffle_buffer), seed=_derive_seed(seed, 1))
   else:
@@ -276,7 +286,8 @@ def make_train_dataset(config, process_index: int = 0, process_count: int = 1,
 
 
 def make_train_iterator(config, process_index: int = 0, process_count: int = 1,
-                        start_step: int = 0) -> grain.DatasetIterator:
+                        start_step: int = 0,
+                        spec: batch_layout.InputSpec | None = None) -> grain.DatasetIterator:
   """An endless iterator of training batches for this process.
 
   Args:
@@ -287,12 +298,13 @@ def make_train_iterator(config, process_index: int = 0, process_count: int = 1,
       needs no JAX).
     start_step: the first global step to yield the batch of (a resumed run's
       step).
+    spec: the batch layouts (default: resolved from the config).
 
   Returns:
     a grain iterator of batch dicts with config.batch_size // process_count
     examples (module docstring).
   """
-  return iter(make_train_dataset(config, process_index, process_count, start_step))
+  return iter(make_train_dataset(config, process_index, process_count, start_step, spec))
 
 
 def eval_layout(num_examples: int, batch_size: int, process_index: int,
@@ -305,12 +317,13 @@ def eval_layout(num_examples: int, batch_size: int, process_index: int,
 
 
 def make_eval_batches(config, split: str | None = None, process_index: int = 0,
-                      process_count: int = 1) -> grain.IterDataset:
+                      process_count: int = 1,
+                      spec: batch_layout.InputSpec | None = None) -> grain.IterDataset:
   """Finite evaluation batches (resize + normalize only) for this process.
 
   Every process yields the same number of batches; padding examples (and
   skipped bad ones) have `example_mask` False. Uses config.eval.batch_size
-  (else config.batch_size) and config.eval.num_examples (0 = whole split).
+  and config.eval.num_examples (0 = whole split).
 
   Returns:
     a grain IterDataset; iterate it (any number of times) for the batch dicts
@@ -320,17 +333,15 @@ def make_eval_batches(config, split: str | None = None, process_index: int = 0,
   split = split or data_cfg.eval_split
   source = sources.get_source(data_cfg, split)
   _check_classes(config, source)
-  eval_cfg = config.get('eval', {})
-  total_batch = int(eval_cfg.get('batch_size', 0) or config.batch_size)
-  batch_size = _per_process(total_batch, process_count, 'eval batch size')
-  limit = int(eval_cfg.get('num_examples', 0) or 0)
+  batch_size = _per_process(int(config.eval.batch_size), process_count, 'eval.batch_size')
+  limit = int(config.eval.num_examples)
   n = min(len(source), limit) if limit > 0 else len(source)
-  input_size = int(config.model.input_size)
-  loader = ExampleLoader(source, augment.eval_ops(data_cfg, input_size),
-                         int(data_cfg.max_boxes), data_cfg.on_bad_example)
+  spec = spec or input_spec(config)
+  loader = ExampleLoader(source, ops_lib.eval_ops(data_cfg, spec), int(data_cfg.max_boxes),
+                         data_cfg.on_bad_example, spec.eval_layout)
   indices = eval_layout(n, batch_size, process_index, process_count)
-  image_dtype = np.uint8 if augment.pixels_on_device(data_cfg) else np.float32
-  ds = grain.MapDataset.source(indices).map(_EvalMap(loader, input_size, image_dtype))
+  image_dtype = np.float32 if spec.eval_layout == Layout.HOST else np.uint8
+  ds = grain.MapDataset.source(indices).map(_EvalMap(loader, spec.size, image_dtype))
   ds = ds.batch(batch_size, drop_remainder=False)
   ds = ds.to_iter_dataset(_read_options(data_cfg))
   return ds.mp_prefetch(_mp_options(data_cfg))
@@ -341,10 +352,12 @@ def load_image_rgb(path: str) -> np.ndarray:
   return records.decode_image(records.EncodedImage.read(path, path))
 
 
-def preprocess_for_inference(image: np.ndarray, config) -> np.ndarray:
-  """uint8 [H, W, 3] RGB -> the model's float32 [S, S, 3] input (evaluation ops only)."""
+def preprocess_for_inference(image: np.ndarray, config,
+                             spec: batch_layout.InputSpec | None = None) -> np.ndarray:
+  """uint8 [H, W, 3] RGB -> one evaluation image of the run's layout: uint8 [S, S, 3]
+  resized (device layouts), or the normalised float32 model input (host layout)."""
   h, w = image.shape[:2]
   example = records.make_example(image=image, boxes=np.zeros((0, 4), np.float32), labels=[],
                                  ignore=[], image_id=-1, orig_size=(h, w), key='<inference>')
-  ops = augment.eval_ops(config.data, config.model.input_size, host_normalize=True)
-  return augment.apply(ops, example, None)['image']
+  spec = spec or input_spec(config)
+  return ops_lib.apply(ops_lib.eval_ops(config.data, spec), example, None)['image']

@@ -42,10 +42,12 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class Common:
-  """Settings every part of a detector shares."""
+  """Settings every part of a detector shares, and the convolution / norm layers it is built of."""
   width: float
   dtype: Any
   axis_name: str | None
+  conv: Any = nn.Conv
+  norm: Any = nn.BatchNorm
 
   def channels(self, c: int) -> int:
     return layers.scaled_channels(c, self.width)
@@ -68,15 +70,16 @@ class SelectSources(nn.Module):
 
 
 def _vgg16(variant: str, cfg: ConfigDict, common: Common) -> nn.Module:
-  default_extras = 'refinedet' if variant == 'refinedet' else 'ssd300'
   return vgg.VGG16(
       variant=variant,
-      extras=cfg.get('extras', default_extras),
+      extras=cfg.extras,
       width=common.width,
-      l2norm_scales=tuple((str(k), float(v)) for k, v in cfg.get('l2norm_scales', {}).items()),
-      batch_norm=cfg.get('backbone_batch_norm', False),
+      l2norm_scales=tuple((str(k), float(v)) for k, v in cfg.l2norm_scales.items()),
+      batch_norm=cfg.backbone_batch_norm,
       axis_name=common.axis_name,
-      dtype=common.dtype)
+      dtype=common.dtype,
+      conv=common.conv,
+      norm=common.norm)
 
 
 def _no_neck(cfg: ConfigDict, common: Common) -> nn.Module:
@@ -103,9 +106,11 @@ def _dfssd_neck(cfg: ConfigDict, common: Common) -> nn.Module:
       source_norm=d.source_norm,
       source_norm_scale=d.source_norm_scale,
       context_init=d.context_init,
-      batch_norm=cfg.get('batch_norm', True),
+      batch_norm=cfg.batch_norm,
       axis_name=common.axis_name,
-      dtype=common.dtype)
+      dtype=common.dtype,
+      conv=common.conv,
+      norm=common.norm)
 
 
 def _skipfpn_neck(cfg: ConfigDict, common: Common) -> nn.Module:
@@ -116,9 +121,11 @@ def _skipfpn_neck(cfg: ConfigDict, common: Common) -> nn.Module:
       skip_depth=s.skip_depth,
       grf_levels=tuple(s.grf_levels),
       grf_reduction=s.grf_reduction,
-      batch_norm=cfg.get('batch_norm', True),
+      batch_norm=cfg.batch_norm,
       axis_name=common.axis_name,
-      dtype=common.dtype)
+      dtype=common.dtype,
+      conv=common.conv,
+      norm=common.norm)
 
 
 Builder = Callable[[ConfigDict, Common], nn.Module]
@@ -182,8 +189,20 @@ class Detector(nn.Module):
     return self.head(pyramid)
 
 
+def layer_kinds(backend: str | None = None) -> tuple[Any, Any]:
+  """(conv, norm) layer classes for `backend` (default: JAX's default backend).
+
+  On a CPU, the drop-in kernels of `models/cpu.py` (the same parameters and
+  values, a faster backward pass there); elsewhere Flax's `nn.Conv` / `nn.BatchNorm`.
+  """
+  from smallssd_jax.models import cpu  # pylint: disable=g-import-not-at-top
+  if (backend or jax.default_backend()) == 'cpu':
+    return cpu.Conv, cpu.BatchNorm
+  return nn.Conv, nn.BatchNorm
+
+
 def build_detector(model_cfg: ConfigDict, num_anchors: Sequence[int],
-                   axis_name: str | None = None) -> Detector:
+                   axis_name: str | None = None, backend: str | None = None) -> Detector:
   """The detector `model_cfg` describes (`config.model`, see `config_blocks.py`).
 
   Args:
@@ -193,22 +212,25 @@ def build_detector(model_cfg: ConfigDict, num_anchors: Sequence[int],
       (`anchors.anchors_per_location(config.anchors)`).
     axis_name: mesh axis over which BatchNorm layers average batch statistics
       in training (the data axis), or None.
+    backend: the backend to build the layers for ('cpu', 'gpu', 'tpu'; default
+      JAX's default backend), `layer_kinds`. Every choice has the same
+      parameters and computes the same function.
 
   Returns:
     An unbound `Detector`; `init(rng, images, train=False)` makes its variables
     (`params`, plus `batch_stats` when a part has BatchNorm).
   """
-  dtype_name = model_cfg.get('dtype', 'float32')
-  if dtype_name not in DTYPES:
-    raise ValueError(f'model.dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}')
-  common = Common(width=float(model_cfg.get('width', 1.0)), dtype=DTYPES[dtype_name],
-                  axis_name=axis_name)
+  if model_cfg.dtype not in DTYPES:
+    raise ValueError(f'model.dtype must be one of {sorted(DTYPES)}, got {model_cfg.dtype!r}')
+  conv, norm = layer_kinds(backend)
+  common = Common(width=float(model_cfg.width), dtype=DTYPES[model_cfg.dtype],
+                  axis_name=axis_name, conv=conv, norm=norm)
   backbone = _lookup(BACKBONES, model_cfg.backbone, 'backbone')(model_cfg, common)
-  neck = _lookup(NECKS, model_cfg.get('neck', 'none'), 'neck')(model_cfg, common)
+  neck = _lookup(NECKS, model_cfg.neck, 'neck')(model_cfg, common)
   head_cls = _lookup(HEADS, model_cfg.head, 'head')
   head = head_cls(num_anchors=tuple(int(a) for a in num_anchors),
                   num_classes=int(model_cfg.num_classes), dtype=common.dtype,
-                  head_init=model_cfg.get('head_init', 'xavier'))
+                  head_init=model_cfg.head_init, conv=conv)
   return Detector(backbone=backbone, neck=neck, head=head, sources=tuple(model_cfg.sources),
                   input_size=int(model_cfg.input_size))
 

@@ -72,6 +72,7 @@ class WeightedFusion(nn.Module):
   coefficients: Sequence[float]
   fusion: str = 'fixed'
   dtype: jnp.dtype = jnp.float32
+  conv: layers.ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, projected: Sequence[Array]) -> Array:
@@ -85,7 +86,8 @@ class WeightedFusion(nn.Module):
       raise ValueError(f"dfssd.fusion must be 'fixed' or 'learned', got {self.fusion!r}")
     fused = sum(weights[k].astype(self.dtype) * layers.resize_bilinear(v, self.size)
                 for k, v in enumerate(projected))
-    return layers.conv2d(self.channels, 3, dtype=self.dtype, name='conv')(nn.relu(fused))
+    return layers.conv2d(self.channels, 3, dtype=self.dtype, conv=self.conv,
+                         name='conv')(nn.relu(fused))
 
 
 class DFSSDNeck(nn.Module):
@@ -113,6 +115,7 @@ class DFSSDNeck(nn.Module):
       to the stride-8 source.
     axis_name: mesh axis the BN batch statistics are averaged over.
     dtype: compute dtype.
+    conv, norm: `nn.Conv` / `nn.BatchNorm` or drop-in replacements (models/cpu.py).
   """
   sources: Sequence[str]
   input_size: int
@@ -133,6 +136,8 @@ class DFSSDNeck(nn.Module):
   context_init: float = 0.25
   axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
+  conv: layers.ModuleDef = nn.Conv
+  norm: layers.ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, features: Mapping[str, Array], train: bool = False) -> list[Array]:
@@ -177,13 +182,13 @@ class DFSSDNeck(nn.Module):
         layers.ConvBNReLU(self.fusion_channels, 1, batch_norm=self.batch_norm, relu=False,
                           axis_name=self.axis_name, dtype=self.dtype,
                           bn_scale_init=1.0 if name == 'nconv4_3' else self.context_init,
-                          name=f'project_{name}')(named[name], train)
+                          conv=self.conv, norm=self.norm, name=f'project_{name}')(named[name], train)
         for name in self.fusion_sources
     ]
 
     def fuse(size, name):
       return WeightedFusion(size, self.fusion_channels, tuple(self.fusion_weights), self.fusion,
-                            dtype=self.dtype, name=name)(projected)
+                            dtype=self.dtype, conv=self.conv, name=name)(projected)
 
     outputs = []
     for name in self.sources:

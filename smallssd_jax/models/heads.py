@@ -48,6 +48,7 @@ class _LevelPredictor(nn.Module):
   values: int
   dtype: jnp.dtype = jnp.float32
   head_init: str = 'xavier'
+  conv: layers.ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, maps: Sequence[Array]) -> Array:
@@ -57,7 +58,8 @@ class _LevelPredictor(nn.Module):
     out = []
     for level, (x, anchors) in enumerate(zip(maps, self.num_anchors)):
       y = layers.conv2d(anchors * self.values, 3, padding=1, dtype=self.dtype,
-                        kernel_init=HEAD_INITS[self.head_init], name=f'level{level}')(x)
+                        kernel_init=HEAD_INITS[self.head_init], conv=self.conv,
+                        name=f'level{level}')(x)
       out.append(y.reshape(y.shape[0], -1, self.values))
     return jnp.concatenate(out, axis=1).astype(jnp.float32)
 
@@ -68,6 +70,7 @@ class SSDHead(nn.Module):
   num_classes: int
   dtype: jnp.dtype = jnp.float32
   head_init: str = 'xavier'
+  conv: layers.ModuleDef = nn.Conv
 
   takes_lateral_sources: ClassVar[bool] = False
 
@@ -75,7 +78,7 @@ class SSDHead(nn.Module):
   def __call__(self, maps: Sequence[Array]) -> dict[str, Array]:
     _check_levels(self.num_anchors, maps, 'SSD head')
     predictor = lambda values, name: _LevelPredictor(self.num_anchors, values, self.dtype,
-                                                     self.head_init, name=name)
+                                                     self.head_init, self.conv, name=name)
     return {
         'cls_logits': predictor(self.num_classes, 'classification')(maps),
         'box_deltas': predictor(4, 'regression')(maps),
@@ -96,6 +99,7 @@ class TwoStepHead(nn.Module):
   num_classes: int
   dtype: jnp.dtype = jnp.float32
   head_init: str = 'xavier'
+  conv: layers.ModuleDef = nn.Conv
 
   takes_lateral_sources: ClassVar[bool] = True
 
@@ -104,7 +108,7 @@ class TwoStepHead(nn.Module):
     _check_levels(self.num_anchors, lateral, 'two-step head (ARM)')
     _check_levels(self.num_anchors, maps, 'two-step head (ODM)')
     predictor = lambda values, name: _LevelPredictor(self.num_anchors, values, self.dtype,
-                                                     self.head_init, name=name)
+                                                     self.head_init, self.conv, name=name)
     return {
         'arm_logits': predictor(2, 'arm_classification')(lateral),
         'arm_deltas': predictor(4, 'arm_regression')(lateral),

@@ -21,6 +21,7 @@ import numpy as np
 
 Array = jax.Array
 Dtype = Any
+ModuleDef = Any     # a Flax module class (or partial) such as nn.Conv
 
 # ssd.pytorch / torchvision initialise the SSD extra layers and heads with
 # Xavier-uniform and zero bias; torchvision's VGG uses He (fan_out) normal.
@@ -40,179 +41,30 @@ def scaled_channels(channels: int, width: float) -> int:
   return max(8, int(round(channels * width / 8.0)) * 8)
 
 
-# --------------------------------------------- per-channel sums on the CPU ---
-#
-# XLA's CPU backend reduces the leading axes of an NHWC map (a bias gradient,
-# BatchNorm statistics) with a strided loop that runs about 8x slower than the
-# same sum written as a matrix-vector product with a vector of ones (measured:
-# 535 vs 69 ms for [4, 300, 300, 64]); in a VGG16-SSD300 train step those sums
-# took a quarter of the time. Other backends keep the plain reduction.
-
-
-def _ones_matvec(x: Array) -> Array:
-  flat = x.reshape(-1, x.shape[-1])
-  ones = jnp.ones((flat.shape[0],), flat.dtype)
-  return jnp.matmul(ones, flat, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def channel_sum(x: Array) -> Array:
-  """`x.sum(axis=all but the last)`, as a GEMV on the CPU and a reduction elsewhere."""
-  def reduce(v):
-    return jnp.sum(v, axis=tuple(range(v.ndim - 1)), dtype=jnp.float32).astype(v.dtype)
-  return jax.lax.platform_dependent(x, cpu=_ones_matvec, default=reduce)
-
-
-@jax.custom_vjp
-def add_bias(x: Array, bias: Array) -> Array:
-  """`x + bias` over the last axis, whose bias gradient is a `channel_sum`."""
-  return x + bias
-
-
-def _add_bias_fwd(x, bias):
-  return x + bias, None
-
-
-def _add_bias_bwd(_, g):
-  return g, channel_sum(g)
-
-
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-# ------------------------------- convolution weight gradients on the CPU ---
-#
-# A convolution's weight gradient reads its input transposed to [C, H, W, N].
-# XLA's CPU backend fuses the elementwise ops that produced that input (the
-# previous layer's bias add and ReLU) into the transpose, recomputing them in
-# a loop about 4x slower than its own plain transpose (290-400 against 85 ms
-# for [8, 300, 300, 64]); in a VGG16-SSD300 train step at batch 8 those
-# transposes took 1.35 of 7.9 s. `conv_nhwc` therefore saves its input for
-# the backward pass as the result of a conditional, which fusion cannot look
-# into, so the transposes read the stored activation (0.68 s; the step 7.0 s).
-# An optimization barrier or a one-trip while loop does not survive XLA's CPU
-# pipeline. Other backends save the input as it is.
-
-
-def _stored(x: Array, anchor: Array) -> Array:
-  """`x`, passed through a conditional whose predicate is always true.
-
-  The predicate comes from `anchor` (a kernel: replicated, so no device
-  needs another's data) and holds for every value, NaN included; XLA cannot
-  fold it, so the conditional stays.
-  """
-  v = anchor.reshape(-1)[0]
-  return jax.lax.cond((v == v) | (v != v), lambda u: u, jnp.zeros_like, x)
-
-
-def _conv_apply(x: Array, kernel: Array, spec: tuple[int, int, int]) -> Array:
-  stride, padding, dilation = spec
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(stride,) * 2, padding=((padding, padding),) * 2,
-      rhs_dilation=(dilation,) * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_nhwc(x: Array, kernel: Array, spec: tuple[int, int, int]) -> Array:
-  """NHWC x HWIO convolution, `spec` = (stride, padding, dilation), symmetric padding."""
-  return _conv_apply(x, kernel, spec)
-
-
-def _conv_fwd(x, kernel, spec):
-  saved = jax.lax.platform_dependent(x, kernel, cpu=_stored, default=lambda u, _: u)
-  return _conv_apply(x, kernel, spec), (saved, kernel)
-
-
-def _conv_bwd(spec, residuals, g):
-  # The convolution is linear in each argument: transpose each map (no forward pass).
-  x, kernel = residuals
-  (dx,) = jax.linear_transpose(lambda u: _conv_apply(u, kernel, spec), x)(g)
-  (dkernel,) = jax.linear_transpose(lambda k: _conv_apply(x, k, spec), kernel)(g)
-  return dx, dkernel
-
-
-conv_nhwc.defvjp(_conv_fwd, _conv_bwd)
-
-
-class Conv(nn.Module):
-  """A square NHWC convolution with explicit symmetric padding; `nn.Conv`'s parameters.
-
-  The same `kernel` (HWIO) and `bias` as `nn.Conv`, so converted weights and
-  checkpoints are unchanged; the convolution is `conv_nhwc` and the bias is
-  added by `add_bias` (both for the CPU's backward pass, above).
-  """
-  features: int
-  kernel: int
-  stride: int = 1
-  padding: int = 0
-  dilation: int = 1
-  use_bias: bool = True
-  kernel_init: Callable = xavier_uniform
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    k, p = self.kernel, self.padding
-    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
-                        jnp.float32)
-    y = conv_nhwc(x.astype(self.dtype), kernel.astype(self.dtype),
-                  (self.stride, p, self.dilation))
-    if self.use_bias:
-      bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
-      y = add_bias(y, bias.astype(self.dtype))
-    return y
-
-
 def conv2d(features: int, kernel: int, *, stride: int = 1, padding: int | None = None,
            dilation: int = 1, use_bias: bool = True, kernel_init=xavier_uniform,
-           dtype: Dtype = jnp.float32, name: str | None = None) -> Conv:
+           dtype: Dtype = jnp.float32, name: str | None = None, conv: ModuleDef = nn.Conv):
   """A square convolution with PyTorch's explicit symmetric zero padding.
 
   `padding=None` means "same" for odd kernels at stride 1: `dilation * (kernel - 1) // 2`.
+  `conv` is `nn.Conv` or a module with its signature and parameter names
+  (`models/cpu.py`); parameters are float32 whatever the compute dtype.
   """
   if padding is None:
     padding = dilation * (kernel - 1) // 2
-  return Conv(features, kernel, stride=stride, padding=padding, dilation=dilation,
-              use_bias=use_bias, kernel_init=kernel_init, dtype=dtype, name=name)
+  return conv(features, (kernel, kernel), strides=(stride, stride),
+              padding=((padding, padding), (padding, padding)),
+              kernel_dilation=(dilation, dilation), use_bias=use_bias, kernel_init=kernel_init,
+              dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-class BatchNorm(nn.Module):
-  """`nn.BatchNorm` over the last axis, with its variable names and arithmetic.
-
-  Batch statistics are `channel_sum`s (see above); the running averages
-  follow `momentum` as in Flax (0.9 here is PyTorch's 0.1), the variance is
-  the biased `E[x^2] - E[x]^2`, and with `axis_name` the statistics are
-  averaged over that axis.
-  """
-  use_running_average: bool = False
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  axis_name: str | None = None
-  scale_init: float = 1.0
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.constant(self.scale_init), (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
-    x32 = x.astype(jnp.float32)
-    if self.use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      n = x32.size // c
-      moments = jnp.stack([channel_sum(x32), channel_sum(x32 * x32)]) / n
-      if self.axis_name is not None and not self.is_initializing():
-        moments = jax.lax.pmean(moments, self.axis_name)
-      mean = moments[0]
-      var = jnp.maximum(0.0, moments[1] - mean * mean)
-      if not self.is_initializing():
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    y = x32 * mul + (bias - mean * mul)
-    return y.astype(self.dtype)
+def batch_norm(train: bool, *, axis_name: str | None = None, scale_init: float = 1.0,
+               dtype: Dtype = jnp.float32, name: str | None = None,
+               norm: ModuleDef = nn.BatchNorm):
+  """BatchNorm over the last axis with PyTorch's defaults (momentum 0.1 = Flax's 0.9, eps 1e-5)."""
+  return norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=axis_name,
+              scale_init=nn.initializers.constant(scale_init), dtype=dtype,
+              param_dtype=jnp.float32, name=name)
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -376,7 +228,7 @@ class ConvTranspose2d(nn.Module):
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
-      y = add_bias(y, bias.astype(self.dtype))
+      y = y + bias.astype(self.dtype)
     return y
 
 
@@ -526,6 +378,7 @@ class ConvBNReLU(nn.Module):
   With BatchNorm the conv has no bias (BN's own shift replaces it). BN uses
   PyTorch's defaults (momentum 0.1, eps 1e-5) and averages its batch
   statistics over `axis_name` when one is given (data-parallel training).
+  `conv` / `norm` are `nn.Conv` / `nn.BatchNorm` or drop-in replacements.
   """
   features: int
   kernel: int
@@ -538,16 +391,17 @@ class ConvBNReLU(nn.Module):
   axis_name: str | None = None
   bn_scale_init: float = 1.0
   dtype: Dtype = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     x = conv2d(self.features, self.kernel, stride=self.stride, padding=self.padding,
                dilation=self.dilation, use_bias=not self.batch_norm,
-               kernel_init=self.kernel_init, dtype=self.dtype, name='conv')(x)
+               kernel_init=self.kernel_init, dtype=self.dtype, name='conv', conv=self.conv)(x)
     if self.batch_norm:
-      x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                    axis_name=self.axis_name, scale_init=self.bn_scale_init, dtype=self.dtype,
-                    name='bn')(x)
+      x = batch_norm(train, axis_name=self.axis_name, scale_init=self.bn_scale_init,
+                     dtype=self.dtype, name='bn', norm=self.norm)(x)
     return nn.relu(x) if self.relu else x
 
 

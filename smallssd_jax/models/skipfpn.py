@@ -44,6 +44,8 @@ class GlobalReceptiveField(nn.Module):
   batch_norm: bool = True
   axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
+  conv: layers.ModuleDef = nn.Conv
+  norm: layers.ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -52,7 +54,8 @@ class GlobalReceptiveField(nn.Module):
 
     def conv(features, kernel, name, dilation=1, relu=True):
       return layers.ConvBNReLU(features, kernel, dilation=dilation, batch_norm=self.batch_norm,
-                               relu=relu, axis_name=self.axis_name, dtype=self.dtype, name=name)
+                               relu=relu, axis_name=self.axis_name, dtype=self.dtype,
+                               conv=self.conv, norm=self.norm, name=name)
 
     y = conv(reduced, 1, 'reduce')(x, train)
     branches = []
@@ -86,6 +89,8 @@ class SkipFPN(nn.Module):
   batch_norm: bool = True
   axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
+  conv: layers.ModuleDef = nn.Conv
+  norm: layers.ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, features: Mapping[str, Array], train: bool = False) -> list[Array]:
@@ -96,7 +101,8 @@ class SkipFPN(nn.Module):
 
     def conv_bn_relu(name):
       return layers.ConvBNReLU(self.channels, 3, batch_norm=self.batch_norm,
-                               axis_name=self.axis_name, dtype=self.dtype, name=name)
+                               axis_name=self.axis_name, dtype=self.dtype, conv=self.conv,
+                               norm=self.norm, name=name)
 
     lateral = []
     for level, name in enumerate(self.sources):
@@ -105,8 +111,8 @@ class SkipFPN(nn.Module):
       x = conv_bn_relu(f'lateral{level}_conv1')(x, train)
       if level in self.grf_levels:
         x = GlobalReceptiveField(self.grf_reduction, batch_norm=self.batch_norm,
-                                 axis_name=self.axis_name, dtype=self.dtype,
-                                 name=f'global_receptive_field{level}')(x, train)
+                                 axis_name=self.axis_name, dtype=self.dtype, conv=self.conv,
+                                 norm=self.norm, name=f'global_receptive_field{level}')(x, train)
       lateral.append(x)
 
     # skip_pyramid, built top down so every coarser P is ready.

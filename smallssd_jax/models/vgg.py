@@ -86,6 +86,7 @@ class VGG16(nn.Module):
       pretrained VGG16 weights have none, so it is for from-scratch runs.
     axis_name: mesh axis the BatchNorm statistics are averaged over.
     dtype: compute dtype; parameters stay float32.
+    conv, norm: `nn.Conv` / `nn.BatchNorm` or drop-in replacements (models/cpu.py).
   """
   variant: str = 'ssd'
   extras: str = 'ssd300'
@@ -94,6 +95,8 @@ class VGG16(nn.Module):
   batch_norm: bool = False
   axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
+  conv: layers.ModuleDef = nn.Conv
+  norm: layers.ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> dict[str, Array]:
@@ -106,9 +109,10 @@ class VGG16(nn.Module):
     def conv_relu(x, c, k, *, name, kernel_init=layers.xavier_uniform, **kw):
       if self.batch_norm:
         return layers.ConvBNReLU(ch(c), k, kernel_init=kernel_init, axis_name=self.axis_name,
-                                 dtype=self.dtype, name=name, **kw)(x, train)
+                                 dtype=self.dtype, conv=self.conv, norm=self.norm, name=name,
+                                 **kw)(x, train)
       return nn.relu(layers.conv2d(ch(c), k, kernel_init=kernel_init, dtype=self.dtype,
-                                   name=name, **kw)(x))
+                                   conv=self.conv, name=name, **kw)(x))
 
     l2norm_scales = dict(self.l2norm_scales)
     unknown = set(l2norm_scales) - {'conv4_3', 'conv5_3', 'fc7'}

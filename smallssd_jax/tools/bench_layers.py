@@ -1,6 +1,6 @@
 r"""Per-convolution speed of a config's detector, against the machine's matmul rate and PyTorch.
 
-  python -m smallssd_jax.bench_layers --config=configs/ssd300_voc0712.py [--batch=8] \
+  python -m smallssd_jax.tools.bench_layers --config=configs/ssd300_voc0712.py [--batch=8] \
       [--steps=3] [--compare-torch] [--json=layers.json] [--config.key=value ...]
 
 Finds every convolution of the model's forward pass (from its jaxpr, so any
@@ -15,7 +15,7 @@ time).
 
 With --compare-torch (torch installed) the same convolutions run in PyTorch
 (`torch.nn.functional.conv2d`, NCHW, `set_num_threads(os.cpu_count())`),
-taking turns with ours (`bench.paired_seconds`); the ratio is the median per-round ratio
+taking turns with ours (`timing.paired_seconds`); the ratio is the median per-round ratio
 (above 1: ours is faster). Timings mean something only on an otherwise idle
 machine.
 """
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from smallssd_jax import bench
+from smallssd_jax.tools import timing
 from smallssd_jax import train as train_lib
 from smallssd_jax import task as task_lib
 
@@ -88,7 +88,7 @@ def matmul_rate(steps: int, n: int = 4096) -> float:
   """GFLOP/s of a float32 n^3 matrix product on the default device."""
   a = jnp.ones((n, n), jnp.float32)
   dot = jax.jit(jnp.dot)
-  seconds = bench.median_seconds(lambda: jax.block_until_ready(dot(a, a)), max(3, steps), 1)
+  seconds = timing.median_seconds(lambda: jax.block_until_ready(dot(a, a)), max(3, steps), 1)
   return 2.0 * n ** 3 / seconds / 1e9
 
 
@@ -186,7 +186,7 @@ def time_convolutions(convs: list[dict[str, Any]], steps: int, compare_torch: bo
         fns['torch'] = theirs[index]
       for fn in fns.values():
         fn()  # compile / warm up
-      times = bench.paired_seconds(fns, steps)
+      times = timing.paired_seconds(fns, steps)
       seconds = statistics.median(times['ours'])
       # Forward + backward is three convolutions' worth of FLOPs.
       work = flops * (1 if name == 'forward' else 3)

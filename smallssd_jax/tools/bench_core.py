@@ -1,6 +1,6 @@
 """Benchmark of the detection core: matching + MultiBox loss, and detect().
 
-    python -m smallssd_jax.bench_core [--batch=32] [--repeats=10] [--warmup=2]
+    python -m smallssd_jax.tools.bench_core [--batch=32] [--repeats=10] [--warmup=2]
 
 Times jitted calls on random data of SSD300's shape (8732 priors, 21 classes,
 50 ground-truth slots per image) after warm-up, with `block_until_ready`, and
@@ -18,8 +18,6 @@ from absl import flags
 
 from smallssd_jax import _xla
 
-_xla.apply_cpu_xla_defaults()
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,6 +26,7 @@ from smallssd_jax import anchors as anchor_lib  # noqa: E402
 from smallssd_jax import losses  # noqa: E402
 from smallssd_jax import postprocess  # noqa: E402
 from smallssd_jax import config_blocks  # noqa: E402
+from smallssd_jax.tools import timing  # noqa: E402
 
 _BATCH = flags.DEFINE_integer('batch', 32, 'images per batch')
 _MAX_BOXES = flags.DEFINE_integer('max_boxes', 50, 'ground-truth slots per image')
@@ -37,14 +36,7 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed calls after compilation')
 
 def _median_ms(fn: Callable, *args, repeats: int, warmup: int) -> float:
   jax.block_until_ready(fn(*args))      # compile
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return 1e3 * timing.median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats, warmup)
 
 
 def _inputs(batch: int, num_anchors: int, num_classes: int, max_boxes: int, seed: int = 0):
@@ -64,6 +56,7 @@ def _inputs(batch: int, num_anchors: int, num_classes: int, max_boxes: int, seed
 
 
 def main(argv):
+  _xla.apply_cpu_xla_defaults()
   del argv
   cfg = config_blocks.ssd_model(300, num_classes=21)
   anchors = anchor_lib.from_config(cfg.anchors)

@@ -1,6 +1,6 @@
 r"""Cost and speed of a config's detector: FLOPs, compile time, images/s, memory, data.
 
-  python -m smallssd_jax.bench --config=configs/ssd300_voc0712.py [--batch=32] [--steps=10] \
+  python -m smallssd_jax.tools.bench --config=configs/ssd300_voc0712.py [--batch=32] [--steps=10] \
       [--compare-torchvision] [--json=bench.json] [--workdir=runs/x] [--synthetic] \
       [--config.key=value ...]
 
@@ -67,7 +67,9 @@ from smallssd_jax import checkpoints as ckpt_lib
 from smallssd_jax import evaluation as eval_lib
 from smallssd_jax import models
 from smallssd_jax import train as train_lib
-from smallssd_jax.datasets import augment
+from smallssd_jax import batch_layout
+from smallssd_jax.datasets import ops as ops_lib
+from smallssd_jax.tools import timing
 from smallssd_jax.datasets import pipeline
 from smallssd_jax import sharding
 from smallssd_jax import task as task_lib
@@ -92,42 +94,6 @@ def define_flags() -> None:
 
 # Key of the timed callables a bench function returns next to its measurements.
 TIMED = '_timed'
-
-
-def paired_seconds(fns: dict[str, Callable[[], Any]], rounds: int,
-                   untimed: int = 1) -> dict[str, list[float]]:
-  """Wall times of each `fn()` over `rounds` rounds, the programs taking turns.
-
-  On a shared machine the load drifts over minutes; timing two programs in
-  alternation exposes both to the same drift, so their per-round ratio is
-  steadier than the ratio of two medians taken minutes apart. Each turn makes
-  `untimed` calls before the timed one, so that a program is timed as a
-  training loop runs it, right after its own previous call: the first
-  SSD300 train step after a torchvision step (or after a pause) measured
-  1.1-1.5 s slower than the next ones (7.3 s) on the 2-core CPU, which timed
-  every call of ours in that state and not torchvision's.
-  """
-  times = {k: [] for k in fns}
-  for _ in range(max(1, rounds)):
-    for key, fn in fns.items():
-      for _ in range(untimed):
-        fn()
-      start = time.perf_counter()
-      fn()
-      times[key].append(time.perf_counter() - start)
-  return times
-
-
-def median_seconds(fn: Callable[[], Any], steps: int, warmup: int) -> float:
-  """Median wall time of `fn()` (which must block until its work is done)."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(max(1, steps)):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def describe_devices(devices) -> str:
@@ -203,16 +169,16 @@ def bench_model(config, batch: dict[str, np.ndarray], steps: int, warmup: int,
 
   global_batch = sharding.to_global_batch(batch, mesh)
   # Evaluation batches are resized on the host: with the train resample in
-  # the step (source canvases), inference takes input-size crops of them.
-  images = (global_batch['image'] if 'window' not in batch else
-            sharding.to_global_batch({'image': batch['image'][:, :s, :s]}, mesh)['image'])
+  # the step (source canvases), inference takes input-size crops of them; the
+  # host layout's float input is the model input either way.
+  images = sharding.to_global_batch({'image': batch['image'][:, :s, :s]}, mesh)['image']
 
   predict = task_lib.make_predict_fn(detector, config, mesh)
   start = time.perf_counter()
   predict_compiled = predict.lower(variables, images).compile()
   out['compile_seconds_inference'] = measurement(time.perf_counter() - start, device)
   infer = lambda: jax.block_until_ready(predict_compiled(variables, images))
-  seconds = median_seconds(infer, steps, warmup)
+  seconds = timing.median_seconds(infer, steps, warmup)
   out['inference_images_per_sec'] = measurement(size / seconds, device, median_seconds=seconds,
                                                 what='forward + decode + NMS')
 
@@ -232,7 +198,7 @@ def bench_model(config, batch: dict[str, np.ndarray], steps: int, warmup: int,
     holder[0], metrics = step_compiled(holder[0], global_batch, rng)
     jax.block_until_ready((holder[0], metrics))
 
-  seconds = median_seconds(one_step, steps, warmup)
+  seconds = timing.median_seconds(one_step, steps, warmup)
   out['train_images_per_sec'] = measurement(size / seconds, device, median_seconds=seconds,
                                             what='forward + loss + backward + SGD')
   out['peak_memory_bytes'] = peak_memory(list(mesh.devices.flat))
@@ -271,26 +237,26 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   """
   rng = np.random.default_rng(seed)
   b, s, m = int(config.batch_size), int(config.model.input_size), int(config.data.max_boxes)
+  spec = pipeline.input_spec(config)
   pixels = rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)
   extra = {}
-  if augment.resample_on_device(config.data):
+  if spec.train_layout == batch_layout.Layout.RESAMPLE:
     # Whole sources filling the dataset's canvas, each shown whole.
-    ch, cw = augment.source_canvas(config.data)
+    ch, cw = spec.canvas
     pixels = rng.integers(0, 256, (b, ch, cw, 3), dtype=np.uint8)
     extra['window'] = np.tile(np.array([0, 0, 1, 1], np.float32), (b, 1))
     extra['source_size'] = np.tile(np.array([ch, cw], np.int32), (b, 1))
-  if augment.pixels_on_device(config.data):
+  if spec.train_layout != batch_layout.Layout.HOST:
     image = pixels
-    stages = list(config.data.augment).count('photometric')
-    if stages:
-      # The pipeline's own photometric op, with the config's parameters.
-      photometric = augment.op_registry(config.data, s)['photometric']
-      draws = [{} for _ in range(b)]
-      for _ in range(stages):
-        draws = [photometric(d, rng) for d in draws]
-      extra['photometric'] = np.array([d['photometric_stages'] for d in draws], np.float32)
-    if extra:  # the resample and the photometric ops cover the whole frame
-      extra['image_region'] = np.tile(np.array([0, s, 0, s], np.int32), (b, 1))
+    # The pipeline's own photometric op, with the config's parameters.
+    photometric = ops_lib.op_registry(config.data, spec, train=True)['photometric']
+    draws = [{} for _ in range(b)]
+    for _ in range(list(config.data.augment).count('photometric')):
+      draws = [photometric(d, rng) for d in draws]
+    extra['photometric'] = np.array([d.get('photometric_stages', np.zeros((0, 5))) for d in draws],
+                                    np.float32).reshape(b, -1, 5)
+    # The resample and the photometric ops cover the whole frame.
+    extra['image_region'] = np.tile(np.array([0, s, 0, s], np.int32), (b, 1))
   else:
     image = ((pixels - np.asarray(config.data.mean, np.float32)) /
              np.asarray(config.data.std, np.float32))
@@ -357,7 +323,7 @@ def bench_torchvision(config, batch: dict[str, np.ndarray], steps: int, warmup: 
     sync()
 
   infer()                                 # first call (allocations, lazy init) untimed
-  infer_seconds = median_seconds(infer, steps, warmup)
+  infer_seconds = timing.median_seconds(infer, steps, warmup)
 
   optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
 
@@ -371,7 +337,7 @@ def bench_torchvision(config, batch: dict[str, np.ndarray], steps: int, warmup: 
     sync()
 
   train_step()
-  train_seconds = median_seconds(train_step, steps, warmup)
+  train_seconds = timing.median_seconds(train_step, steps, warmup)
   n = len(images)
   return {
       TIMED: {'inference_images_per_sec': infer, 'train_images_per_sec': train_step},
@@ -482,7 +448,7 @@ def run(config, config_name: str, batch_size: int = 0, steps: int = 10, warmup: 
       tv_timed = tv.pop(TIMED)
       results['ratios'], results['paired'] = {}, {}
       for key in ('inference_images_per_sec', 'train_images_per_sec'):
-        times = paired_seconds({'ours': ours_timed[key], 'torchvision': tv_timed[key]}, steps)
+        times = timing.paired_seconds({'ours': ours_timed[key], 'torchvision': tv_timed[key]}, steps)
         per_round = [t / o for o, t in zip(times['ours'], times['torchvision'])]
         results['ratios'][key] = statistics.median(per_round)
         results['paired'][key] = {

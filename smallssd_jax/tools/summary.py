@@ -1,7 +1,7 @@
 r"""Prints a detector's feature maps, priors, parameter count and GFLOPs per image.
 
-  python -m smallssd_jax.summary --config=configs/dfssd300_voc0712.py [--config.model.width=0.5]
-  python -m smallssd_jax.summary --preset=skipfpn320 [--noflops]
+  python -m smallssd_jax.tools.summary --config=configs/dfssd300_voc0712.py [--config.model.width=0.5]
+  python -m smallssd_jax.tools.summary --preset=skipfpn320 [--noflops]
 
 Shapes and parameter counts come from `jax.eval_shape` (nothing is
 computed); GFLOPs from XLA's cost analysis of the compiled single-image

@@ -1,6 +1,6 @@
 r"""Data-loading throughput: decode only, and the full SSD train augmentation.
 
-  python -m smallssd_jax.datasets.bench [--num_images=256] [--workers=0,2] [--batches=20]
+  python -m smallssd_jax.tools.bench_data [--num_images=256] [--workers=0,2] [--batches=20]
 
 Writes `num_images` VOC-sized (500x375) JPEGs with VOC annotations to a
 temporary VOCdevkit, then prints images/s for: decoding alone (one process),
@@ -29,10 +29,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from smallssd_jax import config_blocks
-from smallssd_jax.datasets import augment
+from smallssd_jax import batch_layout
+from smallssd_jax.datasets import ops as ops_lib
 from smallssd_jax.datasets import pipeline
 from smallssd_jax.datasets import sources
 from smallssd_jax.datasets import voc
+from smallssd_jax.tools import timing
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'JPEGs to write.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '2'], 'Worker counts for the grain iterator.')
@@ -108,7 +110,7 @@ def run(root: str, workers: list[int], batches: int, batch_size: int,
     config.data.resize_method = method
     config.data.pixels_on_device = on_device
     config.data.resample_on_device = str(resample_on_device)
-    loader = pipeline.ExampleLoader(source, augment.train_ops(config.data, 300),
+    loader = pipeline.ExampleLoader(source, ops_lib.train_ops(config.data, batch_layout.InputSpec.from_config(config.data, 300)),
                                     int(config.data.max_boxes), 'error')
     rng = np.random.default_rng(0)
     loader(0, rng)
@@ -146,12 +148,11 @@ def run(root: str, workers: list[int], batches: int, batch_size: int,
 def _time_step_resample(config, examples: list[dict]) -> None:
   """What the resample costs the step instead: jitted pixels.model_input on one batch."""
   import jax  # pylint: disable=g-import-not-at-top  (the rest of the tool runs without JAX)
-  from smallssd_jax import bench as model_bench  # pylint: disable=g-import-not-at-top
   from smallssd_jax import pixels  # pylint: disable=g-import-not-at-top
   batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-  cfg = pixels.PixelConfig.from_data_config(config.data, 300)
-  fn = jax.jit(pixels.model_input, static_argnums=1)
-  seconds = model_bench.median_seconds(lambda: jax.block_until_ready(fn(batch, cfg)), 5, 1)
+  spec = batch_layout.InputSpec.from_config(config.data, 300)
+  fn = jax.jit(pixels.model_input, static_argnums=(1, 2))
+  seconds = timing.median_seconds(lambda: jax.block_until_ready(fn(batch, spec, True)), 5, 1)
   shape = batch['image'].shape
   print(f"  the step's resample + photometric + normalize of those ({jax.default_backend()}, "
         f'batch {len(examples)}, {shape[1]}x{shape[2]} canvas, median of 5): '

@@ -1,7 +1,7 @@
 r"""Timing of `metrics.evaluate` on a synthetic VOC07-test-sized evaluation.
 
-  python -m smallssd_jax.metrics.bench                       # full size
-  python -m smallssd_jax.metrics.bench --num_images=300 --repeats=1
+  python -m smallssd_jax.tools.bench_metrics                       # full size
+  python -m smallssd_jax.tools.bench_metrics --num_images=300 --repeats=1
 
 The synthetic set mimics VOC2007 test after an SSD: 4952 images, about 3
 objects each (a fifth difficult) over 20 unevenly frequent classes, sizes from
