@@ -5,6 +5,7 @@ built-in images in bf16, and the evaluator scores it: finite detections, a
 metric in [0, 1].
 """
 
+import pytest
 import pathlib
 
 import jax
@@ -17,6 +18,9 @@ from smallssd_jax.config_blocks import load_config
 from smallssd_jax.datasets import pipeline
 from smallssd_jax import sharding
 from smallssd_jax import task as task_lib
+
+# End-to-end runs: left out of the fast subset (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 
 CONFIG = str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py') + ':runlocal'
 FAST_COMPILE = {'xla_backend_optimization_level': 1, 'xla_llvm_disable_expensive_passes': True}

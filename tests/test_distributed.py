@@ -50,6 +50,9 @@ import sys
 import numpy as np
 import pytest
 
+# End-to-end runs: left out of the fast subset (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / 'configs' / 'default.py') + ':model=dfssd,runlocal'
 STEPS = 2

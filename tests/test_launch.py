@@ -11,6 +11,9 @@ import subprocess
 
 import pytest
 
+# End-to-end runs: left out of the fast subset (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch'
 SCRIPTS = sorted(p.name for p in LAUNCH.glob('*.sh'))

@@ -172,6 +172,7 @@ def test_train_batches_resampled_in_the_step_equal_the_host_path():
   assert np.any(windows[:, 1] > windows[:, 3]) and np.any(windows[:, 0] < 0)
 
 
+@pytest.mark.slow
 def test_the_train_step_takes_source_batches():
   """The loss of the same draws resampled in the step and on the host (fed as an
   identity window, so both batches share one compiled function): equal."""

@@ -30,6 +30,9 @@ from smallssd_jax import sharding
 from smallssd_jax import task as task_lib
 from smallssd_jax import optim as optim_lib
 
+# End-to-end runs: left out of the fast subset (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 CONFIG = str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py') + ':model=dfssd,runlocal'
 STEPS = 4
 
