@@ -270,7 +270,7 @@ def from_config(anchor_cfg: ml_collections.ConfigDict,
     float32 `[A, 4]` anchors `[cy, cx, h, w]` normalised.
   """
   style = anchor_cfg.style
-  clip = bool(anchor_cfg.get('clip', False))
+  clip = bool(anchor_cfg.clip)
   if style == 'ssd':
     needs_size = anchor_cfg.get('steps') is not None or anchor_cfg.get('scales') is None
     return ssd_anchors(
@@ -288,8 +288,8 @@ def from_config(anchor_cfg: ml_collections.ConfigDict,
         s_min=anchor_cfg.s_min,
         s_max=anchor_cfg.s_max,
         aspect_ratios=anchor_cfg.aspect_ratios,
-        small_first_level=anchor_cfg.get('small_first_level', True),
-        small_ratios=anchor_cfg.get('small_ratios', (1.0, 2.0, 0.5)),
+        small_first_level=anchor_cfg.small_first_level,
+        small_ratios=anchor_cfg.small_ratios,
         anchors_per_location=anchor_cfg.get('anchors_per_location'),
         clip=clip)
   if style == 'refinedet':
@@ -297,7 +297,7 @@ def from_config(anchor_cfg: ml_collections.ConfigDict,
         feature_maps=anchor_cfg.feature_maps,
         steps=anchor_cfg.steps,
         image_size=_input_size(anchor_cfg, input_size),
-        size_factor=anchor_cfg.get('size_factor', 4.0),
+        size_factor=anchor_cfg.size_factor,
         aspect_ratios=anchor_cfg.aspect_ratios,
         clip=clip)
   raise ValueError(f'unknown anchors.style {style!r}')
@@ -315,8 +315,8 @@ def anchors_per_location(anchor_cfg: ml_collections.ConfigDict) -> list[int]:
   if style == 'dfssd':
     num_levels = len(anchor_cfg.feature_maps)
     scales = dfssd_scales(num_levels, anchor_cfg.s_min, anchor_cfg.s_max)
-    small = anchor_cfg.get('small_ratios', (1.0, 2.0, 0.5))
-    first_small = anchor_cfg.get('small_first_level', True)
+    small = anchor_cfg.small_ratios
+    first_small = anchor_cfg.small_first_level
     counts = [len(_dfssd_cell(k, scales, anchor_cfg.aspect_ratios,
                               small if (k == 0 and first_small) else ()))
               for k in range(num_levels)]

@@ -12,9 +12,9 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
+from smallssd_jax import boxes as box_lib
 from smallssd_jax import sharding
 from smallssd_jax.datasets import pipeline
-from smallssd_jax.evaluation import to_pixels
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.webp')
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -65,7 +65,7 @@ def detect_images(config: ml_collections.ConfigDict, predict_fn: Callable, varia
     out = jax.device_get(predict_fn(variables, sharding.to_global_batch(batch, mesh)['image']))
     keep = out['valid'][0] & (out['scores'][0] >= threshold)
     h, w = image.shape[:2]
-    boxes = to_pixels(out['boxes'][0][keep], (h, w))
+    boxes = box_lib.normalised_to_pixels(out['boxes'][0][keep], (h, w))
     scores, labels = out['scores'][0][keep], out['labels'][0][keep]
     stem = pathlib.Path(name).stem
     draw_detections(image, boxes, scores, labels, class_names, os.path.join(out_dir, f'{stem}.png'))

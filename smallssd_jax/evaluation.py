@@ -20,18 +20,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from smallssd_jax import boxes as box_lib
 from smallssd_jax import metrics as metrics_lib
 from smallssd_jax import sharding
 from smallssd_jax import writers
 from smallssd_jax.datasets import pipeline
 from smallssd_jax.datasets import voc
 from smallssd_jax.metrics import plots
-
-
-def to_pixels(boxes: np.ndarray, size_hw) -> np.ndarray:
-  """Normalised yxyx boxes -> pixels of an image of `size_hw` (h, w)."""
-  h, w = float(size_hw[0]), float(size_hw[1])
-  return boxes * np.array([h, w, h, w], np.float32)
 
 
 def small_object_class_ids(class_names: list[str] | None) -> list[int] | None:
@@ -75,7 +70,7 @@ class Evaluator:
         size = host['orig_size'][i]
         m = host['mask'][i]
         gts.append({
-            'boxes': to_pixels(host['boxes'][i][m], size),
+            'boxes': box_lib.normalised_to_pixels(host['boxes'][i][m], size),
             'labels': host['labels'][i][m],
             'ignore': host['ignore'][i][m],
             'image_size': (int(size[0]), int(size[1])),
@@ -83,7 +78,7 @@ class Evaluator:
         })
         v = out['valid'][i]
         dets.append({
-            'boxes': to_pixels(out['boxes'][i][v], size),
+            'boxes': box_lib.normalised_to_pixels(out['boxes'][i][v], size),
             'scores': out['scores'][i][v],
             'labels': out['labels'][i][v],
         })

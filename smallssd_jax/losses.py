@@ -109,11 +109,6 @@ def _batch_targets(batch: Mapping[str, Any]) -> tuple[jax.Array, ...]:
   return boxes, labels, mask, ignore
 
 
-def _cfg(loss_cfg: Config, key: str, default):
-  value = loss_cfg.get(key, default)
-  return default if value is None else value
-
-
 def multibox_loss(outputs: Mapping[str, jax.Array], anchors: jax.Array,
                   batch: Mapping[str, Any], loss_cfg: Config) -> tuple[jax.Array, Metrics]:
   """SSD MultiBox loss.
@@ -132,17 +127,17 @@ def multibox_loss(outputs: Mapping[str, jax.Array], anchors: jax.Array,
   Returns:
     (loss, metrics) with metrics `loss`, `cls_loss`, `box_loss`, `num_pos`, `num_neg`.
   """
-  variances = tuple(_cfg(loss_cfg, 'variances', box_lib.DEFAULT_VARIANCES))
+  variances = tuple(loss_cfg['variances'])
   anchors = jnp.asarray(anchors, jnp.float32)
   boxes, labels, mask, ignore = _batch_targets(batch)
   m = matching.match_batch(anchors, boxes, labels, mask, ignore,
-                           _cfg(loss_cfg, 'iou_threshold', 0.5))
+                           loss_cfg['iou_threshold'])
   cls_sum, box_sum, num_pos, num_neg = _mined_loss(
       outputs['cls_logits'], outputs['box_deltas'], anchors, m, m.labels,
-      _cfg(loss_cfg, 'neg_pos_ratio', 3), variances)
+      loss_cfg['neg_pos_ratio'], variances)
   norm = jnp.maximum(num_pos, 1).astype(jnp.float32)
   cls_loss = cls_sum / norm
-  box_loss = _cfg(loss_cfg, 'loc_weight', 1.0) * box_sum / norm
+  box_loss = loss_cfg['loc_weight'] * box_sum / norm
   loss = cls_loss + box_loss
   return loss, {'loss': loss, 'cls_loss': cls_loss, 'box_loss': box_loss,
                 'num_pos': num_pos.astype(jnp.float32),
@@ -184,10 +179,10 @@ def two_step_loss(outputs: Mapping[str, jax.Array], anchors: jax.Array,
     (loss, metrics): `loss` = ARM + ODM; `cls_loss`, `box_loss` (sums of both
     steps), `num_pos` (step two), and `arm_*` / `odm_*` parts, `num_filtered`.
   """
-  variances = tuple(_cfg(loss_cfg, 'variances', box_lib.DEFAULT_VARIANCES))
-  ratio = _cfg(loss_cfg, 'neg_pos_ratio', 3)
-  threshold = _cfg(loss_cfg, 'iou_threshold', 0.5)
-  loc_weight = _cfg(loss_cfg, 'loc_weight', 1.0)
+  variances = tuple(loss_cfg['variances'])
+  ratio = loss_cfg['neg_pos_ratio']
+  threshold = loss_cfg['iou_threshold']
+  loc_weight = loss_cfg['loc_weight']
   anchors = jnp.asarray(anchors, jnp.float32)
   boxes, labels, mask, ignore = _batch_targets(batch)
 
@@ -202,10 +197,10 @@ def two_step_loss(outputs: Mapping[str, jax.Array], anchors: jax.Array,
   odm_match = matching.match_batch(refined, boxes, labels, mask, ignore, threshold)
   eligible = None
   num_filtered = jnp.zeros((), jnp.float32)
-  if _cfg(loss_cfg, 'negative_anchor_filter', True):
+  if loss_cfg['negative_anchor_filter']:
     arm_logits = jax.lax.stop_gradient(outputs['arm_logits']).astype(jnp.float32)
     arm_bg = jax.nn.softmax(arm_logits, axis=-1)[..., 0]
-    eligible = ~(arm_bg > _cfg(loss_cfg, 'arm_filter_threshold', 0.99))
+    eligible = ~(arm_bg > loss_cfg['arm_filter_threshold'])
     num_filtered = jnp.sum(~eligible & ~odm_match.positive).astype(jnp.float32)
   odm_cls, odm_box, odm_pos, _ = _mined_loss(
       outputs['cls_logits'], outputs['box_deltas'], refined, odm_match, odm_match.labels,

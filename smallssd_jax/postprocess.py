@@ -131,8 +131,7 @@ def detect(outputs: Mapping[str, jax.Array], anchors: jax.Array, post_cfg: Any,
   probs = jax.nn.softmax(logits, axis=-1)
   if two_step:
     if arm_filter_threshold is None:
-      arm_filter_threshold = post_cfg.get('arm_filter_threshold', None)
-      arm_filter_threshold = 0.99 if arm_filter_threshold is None else arm_filter_threshold
+      arm_filter_threshold = post_cfg['arm_filter_threshold']
     arm_bg = jax.nn.softmax(outputs['arm_logits'].astype(jnp.float32), axis=-1)[..., 0]
     probs = jnp.where((arm_bg > arm_filter_threshold)[..., None], 0.0, probs)
     refined = box_lib.decode_boxes(outputs['arm_deltas'].astype(jnp.float32), anchors, variances)

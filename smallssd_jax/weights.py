@@ -429,14 +429,14 @@ def load_pretrained(path_or_state_dict: str | os.PathLike | StateDict, params: P
   Returns:
     `(params, report)`.
   """
-  if model_cfg is not None and model_cfg.get('backbone_batch_norm', False):
+  if model_cfg is not None and model_cfg.backbone_batch_norm:
     where = 'a state dict' if isinstance(path_or_state_dict, Mapping) else repr(path_or_state_dict)
     raise ValueError(f'init_from {where}: model.backbone_batch_norm=True, but the '
                      'VGG16 / SSD300 weight files have no BatchNorm in the backbone; set '
                      'model.backbone_batch_norm=False to start from them')
   state = read_state_dict(path_or_state_dict)
   kind = detect_format(state)
-  name = model_cfg.get('name', 'model') if model_cfg is not None else 'model'
+  name = model_cfg.name if model_cfg is not None else 'model'
   if kind == 'torchvision_vgg16':
     out = convert_vgg16(state, params, bgr_input=bgr_input)
     return out, (f'{name}: VGG16 conv1_1..conv5_3 from torchvision vgg16, fc6/fc7 decimated from '

@@ -84,7 +84,7 @@ def test_batched_nms_threshold_is_strict_and_classes_are_separate():
 
 def _post_cfg(**kw):
   cfg = ml_collections.ConfigDict(dict(score_threshold=0.05, nms_iou=THR, pre_nms_top_k=8,
-                                       max_detections=25))
+                                       max_detections=25, arm_filter_threshold=0.99))
   cfg.update(kw)
   return cfg
 

@@ -63,8 +63,8 @@ def _voc_tfds(data_cfg, split: str) -> records.Source:
 
 def _tfds(data_cfg, name: str, split: str) -> records.Source:
   return tfds_sources.TfdsSource(
-      name, split, data_cfg.get('tfds_data_dir', ''),
-      kitti_flipped=data_cfg.get('tfds_kitti_flipped', 'auto'))
+      name, split, data_cfg.tfds_data_dir,
+      kitti_flipped=data_cfg.tfds_kitti_flipped)
 
 
 def get_source(data_cfg, split: str) -> records.Source:

@@ -275,7 +275,7 @@ def check_anchor_count(module: Detector, model_cfg: ConfigDict, expected_anchors
   sizes = [shape[:2] for shape in feature_map_shapes(module)['pyramid']]
   num_anchors = list(module.head.num_anchors)
   raise ValueError(
-      f'model {model_cfg.get("name", "?")} at input {module.input_size} predicts {got} boxes '
+      f'model {model_cfg.name} at input {module.input_size} predicts {got} boxes '
       f'per image (feature maps {sizes}, anchors per location {num_anchors}), but the prior '
       f'config makes {expected_anchors} priors: anchors.feature_maps must equal the model\'s '
       'feature map sizes')
