@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Callable, Iterable
+from typing import Callable
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
 from smallssd_jax import boxes as box_lib
+from smallssd_jax import errors
 from smallssd_jax import sharding
 from smallssd_jax.datasets import pipeline
+from smallssd_jax.datasets import records as dataset_records
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.webp')
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -50,16 +53,42 @@ def draw_detections(image: np.ndarray, boxes_px: np.ndarray, scores: np.ndarray,
   pil.save(out_path)
 
 
+def output_names(names: list[str]) -> list[str]:
+  """A distinct picture name per input: its stem, or stem_suffix where stems repeat (a.jpg, a.png)."""
+  paths = [pathlib.Path(n) for n in names]
+  stems = [p.stem for p in paths]
+  out = []
+  for p, stem in zip(paths, stems):
+    clash = stems.count(stem) > 1
+    out.append(f'{stem}_{p.suffix.lstrip(".").lower()}.png' if clash and p.suffix else f'{stem}.png')
+  if len(set(out)) != len(out):
+    out = [f'{i:05d}_{name}' for i, name in enumerate(out)]
+  return out
+
+
 def detect_images(config: ml_collections.ConfigDict, predict_fn: Callable, variables,
-                  mesh: jax.sharding.Mesh, images: Iterable[tuple[str, np.ndarray]],
+                  mesh: jax.sharding.Mesh, images: list[tuple[str, Callable[[], np.ndarray]]],
                   out_dir: str) -> list[dict]:
-  """Runs detection on (name, uint8 HWC RGB image) pairs; writes PNGs and detections.json."""
+  """Detection on (name, load) pairs, `load()` giving uint8 HWC RGB; writes PNGs and detections.json.
+
+  An image that cannot be read is skipped with a warning naming it and recorded
+  in detections.json with its error (its record has no detections); when no
+  image can be read the run fails.
+  """
   class_names = pipeline.class_names(config.data)
   os.makedirs(out_dir, exist_ok=True)
-  records = []
+  records, skipped = [], []
   threshold = config.detect.score_threshold
-  for name, image in images:
-    prepared = pipeline.preprocess_for_inference(image, config)
+  spec = pipeline.input_spec(config)
+  for (name, load), picture in zip(images, output_names([n for n, _ in images])):
+    try:
+      image = load()
+    except (dataset_records.BadExampleError, OSError, ValueError) as e:
+      logging.warning('Skipping %s: %s', name, e)
+      skipped.append(name)
+      records.append({'image': name, 'error': str(e), 'detections': []})
+      continue
+    prepared = pipeline.preprocess_for_inference(image, config, spec)
     # One image, repeated so that the batch divides evenly over the mesh.
     batch = {'image': np.repeat(prepared[None], mesh.size, 0)}
     out = jax.device_get(predict_fn(variables, sharding.to_global_batch(batch, mesh)['image']))
@@ -67,24 +96,27 @@ def detect_images(config: ml_collections.ConfigDict, predict_fn: Callable, varia
     h, w = image.shape[:2]
     boxes = box_lib.normalised_to_pixels(out['boxes'][0][keep], (h, w))
     scores, labels = out['scores'][0][keep], out['labels'][0][keep]
-    stem = pathlib.Path(name).stem
-    draw_detections(image, boxes, scores, labels, class_names, os.path.join(out_dir, f'{stem}.png'))
-    records.append({'image': name, 'detections': [
+    draw_detections(image, boxes, scores, labels, class_names, os.path.join(out_dir, picture))
+    records.append({'image': name, 'picture': picture, 'detections': [
         {'box_yxyx_px': [round(float(v), 2) for v in b], 'score': float(s), 'label': int(c),
          'class': class_name(class_names, int(c))}
         for b, s, c in zip(boxes, scores, labels)]})
   with open(os.path.join(out_dir, 'detections.json'), 'w') as f:
     json.dump(records, f, indent=1)
+  if skipped:
+    print(f'Skipped {len(skipped)} unreadable image(s): {", ".join(skipped)}', flush=True)
+    if len(skipped) == len(records):
+      raise errors.RunError(f'none of the {len(skipped)} images could be read (see the warnings)')
   return records
 
 
 def eval_examples(config: ml_collections.ConfigDict, count: int):
-  """(name, image) of the first `count` examples of the eval split."""
+  """(name, load) of the first `count` examples of the eval split."""
   source = pipeline.get_source(config.data, config.data.eval_split)
-  return ((f'{config.data.name}_{config.data.eval_split}_{i}', source[i]['image'])
-          for i in range(min(count, len(source))))
+  return [(f'{config.data.name}_{config.data.eval_split}_{i}',
+           lambda i=i: source[i]['image']) for i in range(min(count, len(source)))]
 
 
 def folder_images(spec: str):
-  """(path, image) for every image of `detect.input`."""
-  return ((str(p), pipeline.load_image_rgb(str(p))) for p in image_paths(spec))
+  """(path, load) for every image of `detect.input` (a folder, or one image)."""
+  return [(str(p), lambda p=p: pipeline.load_image_rgb(str(p))) for p in image_paths(spec)]

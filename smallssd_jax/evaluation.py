@@ -59,6 +59,7 @@ class Evaluator:
   def collect(self, variables) -> tuple[list[dict], list[dict]]:
     """Ground truth and detections, in original-image pixels, for every example."""
     gts, dets = [], []
+    self.box_repairs = np.zeros(3, np.int64)
     batches = pipeline.make_eval_batches(self.config, self.split, jax.process_index(),
                                          jax.process_count())
     for local in batches:
@@ -66,6 +67,7 @@ class Evaluator:
       out = self.predict(variables, batch['image'])
       host = {k: sharding.to_host(v) for k, v in batch.items() if k != 'image'}
       out = {k: sharding.to_host(v) for k, v in out.items()}
+      self.box_repairs += host['box_repairs'][host['example_mask']].sum(0)
       for i in np.flatnonzero(host['example_mask']):
         size = host['orig_size'][i]
         m = host['mask'][i]
@@ -95,12 +97,21 @@ class Evaluator:
     t_predict = time.perf_counter() - t0
     results = None
     if jax.process_index() == 0:
+      if not gts:
+        logging.warning('The evaluation split %s:%s has no images: every AP is undefined (NaN).',
+                        self.config.data.name, self.split)
+      clipped, dropped, _ = (int(v) for v in self.box_repairs)
+      if clipped or dropped:
+        logging.warning('Evaluation on %s:%s: the reader clipped %d and dropped %d ground-truth '
+                        'boxes (run the dataset audit for the files).', self.config.data.name,
+                        self.split, clipped, dropped)
       t0 = time.perf_counter()
       results = metrics_lib.evaluate(gts, dets, self.config.eval.metric,
                                      class_names=self.class_names,
                                      small_object_classes=small_object_class_ids(self.class_names))
       results = dict(results, num_images=float(len(gts)), predict_seconds=t_predict,
-                     metric_seconds=time.perf_counter() - t0)
+                     metric_seconds=time.perf_counter() - t0, boxes_clipped=float(clipped),
+                     boxes_dropped=float(dropped))
       self._report(results, gts, dets, step, out_dir, writer)
     return sharding.broadcast_from_process_0(results)
 

@@ -85,7 +85,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
       opt_state=keep(new_opt_state, state.opt_state),
       bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step),
   )
-  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step))
+  # Boxes the readers clipped or dropped, and the augmentation cropped out, in this batch.
+  repairs = jnp.sum(batch['box_repairs'], axis=0)
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                 boxes_clipped=repairs[0], boxes_dropped=repairs[1], boxes_cropped=repairs[2])
   return new_state, metrics
 
 

@@ -13,6 +13,7 @@ PACKAGE = pathlib.Path(__file__).parents[1] / 'smallssd_jax'
 LAYERS = [
     ('smallssd_jax.tools', 'tools', 8),
     ('smallssd_jax.main', 'main', 7),
+    ('smallssd_jax.datasets.__main__', 'main', 7),   # the dataset audit command
     ('smallssd_jax.runner', 'runner', 6),
     ('smallssd_jax.train', 'train', 5),
     ('smallssd_jax.predictor', 'predictor', 5),
@@ -144,3 +145,20 @@ def test_a_planted_upward_import_or_cycle_is_found(planted, expected):
     graph['smallssd_jax.anchors'] = set(graph['smallssd_jax.anchors']) | {'smallssd_jax.losses'}
   graph[source] = set(graph[source]) | {target}
   assert any(expected in v for v in violations(graph)), violations(graph)
+
+
+def test_importing_the_package_leaves_xla_flags_alone():
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ('import os, smallssd_jax, smallssd_jax.train, smallssd_jax.models; '
+          'print(repr(os.environ.get("XLA_FLAGS")))')
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'SMALLSSD_JAX_XLA_DEFAULTS')}
+  env['JAX_PLATFORMS'] = 'cpu'
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                       timeout=120, check=True).stdout.strip()
+  assert out == 'None'
+  code = 'import os, smallssd_jax; smallssd_jax.apply_cpu_xla_defaults(); print(os.environ["XLA_FLAGS"])'
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                       timeout=120, check=True).stdout.strip()
+  assert out == '--xla_disable_hlo_passes=dot-library-rewriter'

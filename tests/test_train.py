@@ -362,3 +362,91 @@ def test_keeps_the_last_n_and_the_best_map(tmp_path):
   best = ckpt_lib.restore_state(manager, template_state, 2)
   np.testing.assert_array_equal(best.params['w'], [2, 2, 2])
   assert int(ckpt_lib.restore_state(manager, template_state).step) == 9
+
+
+# ------------------------------------------------- never losing a run ---
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_model(template, tmp_path, monkeypatch):
+  """The checkpoint is written before the evaluation; the run says what failed, and a
+  second run evaluates without training again."""
+  from smallssd_jax import evaluation  # pylint: disable=g-import-not-at-top
+  broken = lambda *a, **k: (_ for _ in ()).throw(OSError('a corrupt test image'))
+  monkeypatch.setattr(evaluation.metrics_lib, 'evaluate', broken)
+  with pytest.raises(errors.EvaluationFailed, match=r'training finished at step 4 and the '
+                     r'checkpoint is saved.*corrupt test image'):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert errors.EvaluationFailed.exit_code == 3
+  assert saved_steps(tmp_path) == [2, STEPS]
+  monkeypatch.undo()
+  rows = len(metric_rows(tmp_path))
+  results = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert 0.0 <= results['mAP'] <= 1.0
+  assert [r for r in metric_rows(tmp_path)[rows:] if 'loss' in r] == []   # nothing retrained
+
+
+def test_a_finished_run_says_so_and_reports_its_evaluation(straight_run, capsys):
+  workdir, train_results = straight_run
+  before = metric_rows(workdir)
+  results = runner.run(tiny_config(), workdir, 'train')
+  assert 'nothing to train (final evaluation on record)' in capsys.readouterr().out
+  assert results['mAP'] == pytest.approx(train_results['mAP'])
+  assert len([r for r in metric_rows(workdir) if 'loss' in r]) == len(
+      [r for r in before if 'loss' in r])
+
+
+def test_nan_at_the_first_step_says_no_checkpoint_exists(tmp_path, monkeypatch):
+  to_global_batch = sharding.to_global_batch
+
+  def poison(local, mesh):
+    return to_global_batch(dict(local, photometric=np.full(local['photometric'].shape, np.nan,
+                                                           np.float32)), mesh)
+
+  monkeypatch.setattr(sharding, 'to_global_batch', poison)
+  cfg = tiny_config()
+  cfg.log_every_steps = 1
+  with pytest.raises(errors.NonFiniteLossError, match='no checkpoint had been written'):
+    train.train_and_evaluate(cfg, str(tmp_path))
+
+
+def test_eval_and_detect_leave_the_training_records_alone(straight_run, tmp_path):
+  workdir, _ = straight_run
+  wd = pathlib.Path(workdir)
+  config_json = (wd / 'config.json').read_bytes()
+  record = (wd / 'eval' / f'step_{STEPS}' / 'results.json').read_bytes()
+  cfg = tiny_config()
+  cfg.eval.num_examples = 1                # other options than the training run's
+  cfg.eval.name = 'one_image'
+  results = runner.run(cfg, workdir, 'eval')
+  assert results['num_images'] == 1
+  assert (wd / 'eval' / 'one_image' / f'step_{STEPS}' / 'results.json').exists()
+  assert json.loads((wd / 'eval' / 'one_image' / 'config.json').read_text())['eval'][
+      'num_examples'] == 1
+  with pytest.raises(errors.ConfigError, match='exists: choose another'):
+    runner.run(cfg, workdir, 'eval')      # a record is never overwritten either
+  # A folder with two images of the same name and a broken one.
+  folder = tmp_path / 'mixed'
+  folder.mkdir()
+  image = pipeline.get_source(tiny_config().data, 'test')[0]['image']
+  Image.fromarray(image).save(folder / 'a.png')
+  Image.fromarray(image).save(folder / 'a.jpg')
+  (folder / 'broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
+  cfg = tiny_config()
+  cfg.detect.input = str(folder)
+  cfg.detect.name = 'mixed'
+  detected = runner.run(cfg, workdir, 'detect')
+  out = pathlib.Path(detected['out_dir'])
+  assert out == wd / 'detect' / 'mixed'
+  assert sorted(p.name for p in out.glob('*.png')) == ['a_jpg.png', 'a_png.png']
+  broken = [r for r in detected['detections'] if r['image'].endswith('broken.jpg')]
+  assert len(broken) == 1 and broken[0]['error'] and broken[0]['detections'] == []
+  assert (wd / 'config.json').read_bytes() == config_json
+  assert (wd / 'eval' / f'step_{STEPS}' / 'results.json').read_bytes() == record
+
+
+def test_the_log_counts_repaired_boxes(straight_run):
+  workdir, _ = straight_run
+  rows = [r for r in metric_rows(workdir) if 'loss' in r]
+  assert all({'boxes_clipped', 'boxes_dropped', 'boxes_cropped'} <= set(r) for r in rows)
+  # The built-in data needs no repairs; its augmentation crops objects out now and then.
+  assert all(r['boxes_clipped'] == 0 and r['boxes_dropped'] == 0 for r in rows)

@@ -23,10 +23,13 @@ from ml_collections import config_flags
 import numpy as np
 
 from smallssd_jax import batch_layout
+from smallssd_jax import config_blocks
+from smallssd_jax import config_lib
 from smallssd_jax.datasets import resize as resize_lib
 from smallssd_jax.datasets import records
 from smallssd_jax.datasets import sources
 
+config_lib.register_flag_parsers()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True)
 _SPLIT = flags.DEFINE_string('split', None, 'Split to audit (default: data.train_split).')
 _CHECK = flags.DEFINE_bool('check', False, 'Decode every image and fail on bad examples.')
@@ -124,7 +127,8 @@ def audit(config, split: str, check: bool, max_examples: int = 0,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
+  # After the command line, as main.py does: `:runlocal --config.data.root=DIR` audits DIR.
+  config = config_blocks.finalize(_CONFIG.value)
   split = _SPLIT.value or config.data.train_split
   result = audit(config, split, _CHECK.value, _MAX.value)
   if _CHECK.value and result['bad'] and config.data.on_bad_example == 'error':

@@ -30,7 +30,9 @@ Batch dict (docs/architecture.md): `image` and its companions as the run's
 batch layout says (batch_layout.py, resolved once from the config), boxes
 float32 [B, M, 4] `[ymin, xmin, ymax, xmax]` normalised to the model input,
 labels int32 [B, M] (1..K, 0 on padding), mask bool [B, M], ignore bool [B, M],
-image_id int32 [B], orig_size int32 [B, 2] (h, w); eval batches also
+image_id int32 [B], orig_size int32 [B, 2] (h, w), box_repairs int32 [B, 3]
+(boxes the reader clipped, boxes it dropped, boxes the augmentation cropped
+out: the train log and the evaluation report count them); eval batches also
 example_mask bool [B].
 """
 
@@ -67,8 +69,12 @@ def _derive_seed(*parts: int) -> int:
 
 
 def pad_example(example: records.Example, max_boxes: int,
-                layout: Layout = Layout.HOST, train: bool = False) -> dict[str, np.ndarray]:
-  """The batch fields of one example for `layout`; ground truth padded to `max_boxes`."""
+                layout: Layout = Layout.HOST, train: bool = False,
+                cropped_out: int = 0) -> dict[str, np.ndarray]:
+  """The batch fields of one example for `layout`; ground truth padded to `max_boxes`.
+
+  `cropped_out`: boxes the augmentation removed (for `box_repairs`).
+  """
   n = len(example['boxes'])
   if n > max_boxes:
     raise records.BadExampleError(
@@ -91,6 +97,8 @@ def pad_example(example: records.Example, max_boxes: int,
       'ignore': ignore,
       'image_id': np.int32(example['image_id']),
       'orig_size': np.asarray(example['orig_size'], np.int32).reshape(2),
+      'box_repairs': np.array([*records.repair_counts(example.get('problems', ())), cropped_out],
+                              np.int32),
   }
   if train and layout != Layout.HOST:
     # The step's photometric draw (one stage per `photometric` op, none without
@@ -116,6 +124,7 @@ def empty_example(input_size: int, max_boxes: int,
       'ignore': np.zeros((max_boxes,), bool),
       'image_id': np.int32(-1),
       'orig_size': np.zeros((2,), np.int32),
+      'box_repairs': np.zeros((3,), np.int32),
   }
 
 
@@ -148,7 +157,8 @@ class ExampleLoader:
             example['key'], f'{n} objects, more than data.max_boxes={self.max_boxes} '
             '(raise data.max_boxes)')
       example = ops_lib.apply(self.ops, example, rng)
-      return pad_example(example, self.max_boxes, self.layout, self.train)
+      return pad_example(example, self.max_boxes, self.layout, self.train,
+                         cropped_out=n - len(example['boxes']))
     except records.BadExampleError as e:
       if self.on_bad_example == 'error':
         raise

@@ -203,11 +203,26 @@ def _sanitize(xyxy: np.ndarray, problems: list[str]) -> tuple[np.ndarray, np.nda
   n_dropped = int((~keep).sum())
   n_clipped = int((was_clipped & keep).sum())
   if n_clipped:
-    problems.append(f'clipped {n_clipped} box(es) reaching outside the image')
+    problems.append(_CLIPPED.format(n_clipped))
   if n_dropped:
-    problems.append(f'dropped {n_dropped} empty, inverted or outside box(es)')
+    problems.append(_DROPPED.format(n_dropped))
   out = clipped[keep][:, [1, 0, 3, 2]].astype(np.float32)
   return out.reshape(-1, 4), keep
+
+
+_CLIPPED, _DROPPED = 'clipped {} box(es) reaching outside the image', \
+    'dropped {} empty, inverted or outside box(es)'
+
+
+def repair_counts(problems: Sequence[str]) -> tuple[int, int]:
+  """(boxes clipped, boxes dropped) among the repairs a reader recorded in `problems`."""
+  counts = [0, 0]
+  for p in problems:
+    for i, template in enumerate((_CLIPPED, _DROPPED)):
+      head, tail = template.split('{}')
+      if p.startswith(head) and p.endswith(tail):
+        counts[i] += int(p[len(head):len(p) - len(tail)])
+  return counts[0], counts[1]
 
 
 def make_example(*, image: EncodedImage | np.ndarray, boxes: np.ndarray,

@@ -96,7 +96,8 @@ def evaluate(ground_truth: Records, detections: Records, metric: str,
         'ARm', 'ARl' exactly as pycocotools computes them (-1 where it
         gives -1);
       'mAP_small_classes' when `small_object_classes` is given.
-    VOC/KITTI means over an empty set of classes are NaN.
+    VOC/KITTI means over an empty set of classes are NaN; with no images at
+    all every value is NaN, for every metric.
 
   Raises:
     ValueError: on an unknown metric or backend, or malformed input (the
@@ -120,6 +121,10 @@ def evaluate(ground_truth: Records, detections: Records, metric: str,
   else:
     results = coco.evaluate(gt, dets, num_classes, backend=backend)
 
+  if not len(ground_truth):
+    # Nothing to score: every value is undefined, whatever the metric's own
+    # convention for an empty class (pycocotools' -1, VOC's NaN).
+    results = {k: float('nan') for k in results}
   if small_ids is not None:
     aps = np.array([results[f'AP/{c}'] for c in small_ids], np.float64)
     aps = aps[~np.isnan(aps)]

@@ -149,6 +149,12 @@ def _check_boxes(boxes: np.ndarray, parts: _Parts) -> None:
                      '(boxes must be [ymin, xmin, ymax, xmax] in pixels)')
 
 
+# Without num_classes / class_names, the largest label sets the class count;
+# beyond this it is far more likely a bad label than a real class id (COCO's
+# ids stop at 90, LVIS's at 1203), and per-class arrays would be allocated.
+MAX_INFERRED_CLASSES = 10_000
+
+
 def _check_labels(labels: np.ndarray, parts: _Parts, num_classes: int | None) -> np.ndarray:
   if labels.dtype.kind == 'f':
     bad = ~np.isfinite(labels) | (labels != np.round(labels))
@@ -275,4 +281,11 @@ def flatten(ground_truth: Sequence[Mapping[str, Any]],
   if num_classes is None:
     seen = np.concatenate([gt_flat.labels, det_flat.labels])
     num_classes = int(seen.max()) if seen.size else 1
+    if num_classes > MAX_INFERRED_CLASSES:
+      in_gt = gt_flat.labels.size and gt_flat.labels.max() == num_classes
+      where = (f'ground truth of image {int(gt_flat.image[np.argmax(gt_flat.labels)])}' if in_gt
+               else f'detections of image {int(det_flat.image[np.argmax(det_flat.labels)])}')
+      raise ValueError(f'{where}: label {num_classes} would make {num_classes} classes; pass '
+                       f'num_classes (or class_names) to evaluate more than '
+                       f'{MAX_INFERRED_CLASSES} classes')
   return gt_flat, det_flat, int(num_classes)

@@ -271,7 +271,8 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   mask[:, :n] = True
   return {'image': image, 'boxes': boxes, 'labels': labels, 'mask': mask,
           'ignore': np.zeros((b, m), bool), 'image_id': np.arange(b, dtype=np.int32),
-          'orig_size': np.full((b, 2), s, np.int32), **extra}
+          'orig_size': np.full((b, 2), s, np.int32), 'box_repairs': np.zeros((b, 3), np.int32),
+          **extra}
 
 
 # ------------------------------------------------------- torchvision ---
