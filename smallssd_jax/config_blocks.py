@@ -274,6 +274,18 @@ def data(name: str = 'builtin_small', **overrides) -> ConfigDict:
   return cfg
 
 
+def custom_data(fmt: str = 'yolo', **overrides) -> ConfigDict:
+  """Your own data in `data.root`: YOLO, VOC-style or COCO-json folders (datasets/sources.py).
+
+  The classes are the dataset's: `finalize` sets `model.num_classes` from them
+  when it is 0.
+  """
+  cfg = data('custom', train_split='train', eval_split='val', max_boxes=128, **overrides)
+  with cfg.unlocked():
+    cfg.format = fmt               # 'yolo' | 'voc' | 'coco'
+  return cfg
+
+
 def voc0712_data(**overrides) -> ConfigDict:
   """VOC07+12 trainval -> VOC07 test (tfds without `root`, a VOCdevkit folder with it)."""
   return data('voc', train_split='VOC2007/trainval+VOC2012/trainval',
@@ -392,8 +404,13 @@ def finalize(config: ConfigDict) -> ConfigDict:
 
   With `runlocal` and no `data.root`, a paper config trains on the built-in
   dataset (at the model's input size, VOC07 metric, classes from the data);
-  with a `data.root` it keeps its own dataset there.
+  with a `data.root` it keeps its own dataset there. Your own data
+  (`data.name='custom'`) sets `model.num_classes` from its classes when it is 0.
   """
+  if config.data.name == 'custom' and config.model.num_classes == 0 and config.data.root:
+    from smallssd_jax.datasets import sources  # pylint: disable=g-import-not-at-top
+    with config.unlocked():
+      config.model.num_classes = len(sources.class_names(config.data)) + 1
   if config.runlocal and not config.data.root and config.data.name != 'builtin_small':
     with config.unlocked():
       max_boxes = config.data.max_boxes

@@ -201,7 +201,7 @@ RULES: dict[str, Rule] = {
     'model.head': Rule(one_of('ssd', 'two_step')),
     'model.sources': Rule(strings(min_length=1)),
     'model.input_size': Rule(integer(32)),
-    'model.num_classes': Rule(integer(2)),
+    'model.num_classes': Rule(integer(0)),     # >= 2 checked with the data (custom: from it)
     'model.width': Rule(number(0, 4, lo_open=True)),
     'model.dtype': Rule(one_of('float32', 'bfloat16')),
     'model.l2norm_scales': Rule(scales),
@@ -262,9 +262,10 @@ RULES: dict[str, Rule] = {
     'optim.warmup_steps': Rule(schedule_position),
     'optim.grad_clip_norm': Rule(number(0)),
     # Data (datasets/).
-    'data.name': Rule(lambda v: None if v in ('builtin_small', 'voc', 'kitti', 'coco') or (
-        isinstance(v, str) and v.startswith('tfds:')) else
-        "must be builtin_small, voc, kitti, coco or 'tfds:<name>'"),
+    'data.name': Rule(lambda v: None if v in ('builtin_small', 'voc', 'kitti', 'coco', 'custom')
+                      or (isinstance(v, str) and v.startswith('tfds:')) else
+                      "must be builtin_small, voc, kitti, coco, custom or 'tfds:<name>'"),
+    'data.format': Rule(one_of('yolo', 'voc', 'coco'), lambda c: c.data.name == 'custom'),
     'data.root': Rule(string),
     'data.train_split': Rule(string),
     'data.eval_split': Rule(string),
@@ -392,9 +393,11 @@ def _cross_problems(config: ml_collections.ConfigDict, mode: str) -> list[str]:
     if b.min_objects > b.max_objects or b.min_size > b.max_size or (
         b.min_distractors > b.max_distractors):
       problems.append('data.builtin: a min_* above its max_*')
-    if config.model.num_classes != b.num_classes + 1:
-      problems.append(f'model.num_classes={m.num_classes} but the built-in data has '
-                      f'{b.num_classes} classes (+ background = {b.num_classes + 1})')
+  if config.data.name == 'custom' and not config.data.root:
+    problems.append("data.name='custom' reads your own folder: set --config.data.root=DIR")
+  elif m.num_classes < 2:
+    problems.append(f'model.num_classes={m.num_classes}: must be >= 2 (the background and at '
+                    'least one class)')
   if m.input_size != config.anchors.input_size:
     problems.append(f'anchors.input_size={config.anchors.input_size} differs from '
                     f'model.input_size={m.input_size}')
@@ -415,6 +418,10 @@ def _data_problems(config: ml_collections.ConfigDict, mode: str) -> list[str]:
       source = sources.get_source(config.data, split)
       if split == config.data.eval_split and len(source):
         source[0]
+      if config.model.num_classes != len(source.class_names) + 1:
+        problems.append(f'model.num_classes={config.model.num_classes} but {config.data.name} '
+                        f'{split!r} has {len(source.class_names)} classes (+ background = '
+                        f'{len(source.class_names) + 1})')
     except Exception as e:  # pylint: disable=broad-except
       problems.append(f'data {config.data.name!r} split {split!r}'
                       f'{" (data.root=" + repr(config.data.root) + ")" if config.data.root else ""}'

@@ -450,3 +450,29 @@ def test_the_log_counts_repaired_boxes(straight_run):
   assert all({'boxes_clipped', 'boxes_dropped', 'boxes_cropped'} <= set(r) for r in rows)
   # The built-in data needs no repairs; its augmentation crops objects out now and then.
   assert all(r['boxes_clipped'] == 0 and r['boxes_dropped'] == 0 for r in rows)
+
+
+def test_init_from_a_run_with_other_classes_reinitialises_the_class_heads(straight_run,
+                                                                          tmp_path, caplog):
+  workdir, _ = straight_run
+  cfg = tiny_config()
+  cfg.data.builtin.num_classes = 4                 # 6 classes there, 4 here
+  cfg.model.num_classes = 5
+  cfg.init_from = workdir
+  cfg.num_train_steps = 1
+  task = task_lib.build_task(cfg)
+  mesh = sharding.make_mesh()
+  fresh = task_lib.create_train_state(task, cfg, task_lib.init_rng(1), mesh)
+  manager = ckpt_lib.make_manager(str(tmp_path), cfg)
+  with caplog.at_level('INFO'):
+    state, how = ckpt_lib.restore_or_initialize(manager, fresh, cfg)
+  assert how.startswith(f'initialised from {workdir} step {STEPS}; class heads re-initialised')
+  assert any('head/classification/level0/kernel' in r.getMessage() for r in caplog.records)
+  other = ckpt_lib.restore_variables(workdir, task_lib.abstract_train_state(
+      task_lib.build_task(tiny_config()), tiny_config(), mesh))[0]
+  np.testing.assert_array_equal(state.params['backbone']['conv1_1']['kernel'],
+                                other.params['backbone']['conv1_1']['kernel'])
+  np.testing.assert_array_equal(state.params['head']['classification']['level0']['kernel'],
+                                fresh.params['head']['classification']['level0']['kernel'])
+  np.testing.assert_array_equal(state.params['head']['regression']['level0']['kernel'],
+                                other.params['head']['regression']['level0']['kernel'])

@@ -1,7 +1,7 @@
 r"""Dataset audit: what a config's data split holds, and what is wrong with it.
 
   python -m smallssd_jax.datasets --config=configs/NAME.py[:arg] [--split=train] \
-      [--check] [--config.data.root=DIR ...]
+      [--check] [--suggest-priors] [--config.data.root=DIR ...]
 
 Prints the number of images, objects per class, object sizes (COCO buckets
 small < 32^2, medium < 96^2, large, by box area in original pixels and at the
@@ -22,9 +22,11 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
+from smallssd_jax import anchors as anchors_lib
 from smallssd_jax import batch_layout
 from smallssd_jax import config_blocks
 from smallssd_jax import config_lib
+from smallssd_jax import coverage
 from smallssd_jax.datasets import resize as resize_lib
 from smallssd_jax.datasets import records
 from smallssd_jax.datasets import sources
@@ -34,6 +36,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lo
 _SPLIT = flags.DEFINE_string('split', None, 'Split to audit (default: data.train_split).')
 _CHECK = flags.DEFINE_bool('check', False, 'Decode every image and fail on bad examples.')
 _MAX = flags.DEFINE_integer('max_examples', 0, 'Audit only the first N examples (0 = all).')
+_SUGGEST = flags.DEFINE_bool('suggest-priors', False,
+                             'Search prior scales that cover more objects; print the overrides.')
+_PNG = flags.DEFINE_string('coverage_png', 'prior_coverage.png',
+                           "With --check: where to draw the object sizes and the priors' coverage.")
 
 _COCO_BUCKETS = (('small', 32 ** 2), ('medium', 96 ** 2), ('large', float('inf')))
 _SIDE_BINS = (8, 16, 32, 64, 128, 256)
@@ -54,9 +60,14 @@ def _side_histogram(areas: np.ndarray) -> list[tuple[str, int]]:
            int(((sides >= lo) & (sides < hi)).sum())) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
-def audit(config, split: str, check: bool, max_examples: int = 0,
-          out=sys.stdout) -> dict[str, object]:
-  """Reads the split and prints the report; returns the numbers (for tests)."""
+def audit(config, split: str, check: bool, max_examples: int = 0, out=sys.stdout,
+          suggest: bool = False, png: str = '') -> dict[str, object]:
+  """Reads the split and prints the report; returns the numbers (for tests).
+
+  With `check` (or `suggest`) also the prior coverage of the split's boxes
+  (coverage.py), a PNG of it at `png`; with `suggest` the prior scales that
+  cover more of them, as command-line overrides.
+  """
   data_cfg = config.data
   source = sources.get_source(data_cfg, split)
   input_size = int(config.model.input_size)
@@ -65,7 +76,7 @@ def audit(config, split: str, check: bool, max_examples: int = 0,
   per_class = collections.Counter()
   ignored = 0
   empty = 0
-  areas_orig, areas_input = [], []
+  areas_orig, areas_input, kept_boxes = [], [], []
   bad: list[str] = []
   repairs: list[str] = []
   images = 0
@@ -93,6 +104,7 @@ def audit(config, split: str, check: bool, max_examples: int = 0,
     real = ~ign
     areas_orig.append((bh * h * bw * w)[real])
     areas_input.append((bh * bw * input_size ** 2)[real])
+    kept_boxes.append(boxes[real])
     per_class.update(labels[real].tolist())
   areas_orig = np.concatenate(areas_orig) if areas_orig else np.zeros(0)
   areas_input = np.concatenate(areas_input) if areas_input else np.zeros(0)
@@ -120,8 +132,30 @@ def audit(config, split: str, check: bool, max_examples: int = 0,
     p(f'bad examples ({len(bad)}):')
     for line in bad:
       p(f'  {line}')
-  return {'images': images, 'bad': bad, 'empty': empty, 'ignored': ignored,
-          'per_class': dict(per_class), 'repairs': repairs}
+  boxes = np.concatenate(kept_boxes) if kept_boxes else np.zeros((0, 4), np.float32)
+  result = {'images': images, 'bad': bad, 'empty': empty, 'ignored': ignored,
+            'per_class': dict(per_class), 'repairs': repairs, 'boxes': boxes}
+  if check or suggest:
+    threshold = float(config.loss.iou_threshold)
+    priors = anchors_lib.from_config(config.anchors)
+    report = coverage.coverage(boxes, priors, input_size, threshold)
+    p(coverage.format_coverage(report, f'\n{config.model.name} priors ({len(priors)}):'))
+    result['coverage'] = report
+    if check and png:
+      coverage.plot(boxes, report, coverage.level_prior_sizes(config.anchors, input_size),
+                    input_size, png, f'{config.model.name}: {data_cfg.name} {split}')
+      p(f'wrote {png}')
+  if suggest:
+    found = coverage.suggest(boxes, config.anchors, input_size, threshold)
+    result['suggestion'] = found
+    if found['overrides']:
+      p(f'\nsuggested priors: objects covered {100 * found["before"]["covered"]:.1f}% -> '
+        f'{100 * found["after"]["covered"]:.1f}% (same priors per location and aspect ratios):')
+      p(f'  {coverage.command_line(found["overrides"])}')
+      p(coverage.format_coverage(found['after'], 'with them:'))
+    else:
+      p('\nsuggested priors: none of the searched scales covers more objects than the config\'s')
+  return result
 
 
 def main(argv):
@@ -130,7 +164,8 @@ def main(argv):
   # After the command line, as main.py does: `:runlocal --config.data.root=DIR` audits DIR.
   config = config_blocks.finalize(_CONFIG.value)
   split = _SPLIT.value or config.data.train_split
-  result = audit(config, split, _CHECK.value, _MAX.value)
+  result = audit(config, split, _CHECK.value, _MAX.value, suggest=_SUGGEST.value,
+                 png=_PNG.value)
   if _CHECK.value and result['bad'] and config.data.on_bad_example == 'error':
     sys.exit(1)
 

@@ -15,6 +15,12 @@ or tensorflow-datasets:
   coco  + root          COCO json + images (coco.py); train2017, val2017
   coco  without root    tfds coco/2017 (needs TensorFlow)
   tfds:<name>           any of the tfds datasets above, split in tfds syntax
+  custom + root         your own data, `data.format`: 'yolo' (yolo.py: images/<split>,
+                        labels/<split>, data.yaml or classes.txt), 'voc' (a VOC-style
+                        folder: Annotations/, JPEGImages/, ImageSets/Main/<split>.txt;
+                        classes from classes.txt or the train split's annotations),
+                        'coco' (annotations/instances_<split>.json, <split>/); the
+                        classes are the dataset's
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from smallssd_jax.datasets import kitti as kitti_lib
 from smallssd_jax.datasets import records
 from smallssd_jax.datasets import tfds_sources
 from smallssd_jax.datasets import voc as voc_lib
+from smallssd_jax.datasets import yolo as yolo_lib
 
 _YEAR_PREFIX = 'VOC'
 
@@ -86,7 +93,27 @@ def get_source(data_cfg, split: str) -> records.Source:
       return coco_lib.CocoSource(*coco_lib.coco_paths(root, split))
     tfds_split = {'val': 'validation', 'train2017': 'train', 'val2017': 'validation'}
     return _tfds(data_cfg, 'coco/2017', tfds_split.get(split, split))
-  raise ValueError(f"unknown data.name {name!r}: builtin_small, voc, kitti, coco or 'tfds:<name>'")
+  if name == 'custom':
+    return _custom(data_cfg, split)
+  raise ValueError(f"unknown data.name {name!r}: builtin_small, voc, kitti, coco, custom or "
+                   "'tfds:<name>'")
+
+
+FORMATS = ('yolo', 'voc', 'coco')
+
+
+def _custom(data_cfg, split: str) -> records.Source:
+  root, fmt = data_cfg.root, data_cfg.format
+  if not root:
+    raise ValueError("data.name='custom' reads your own folder: set --config.data.root=DIR")
+  if fmt == 'yolo':
+    return yolo_lib.YoloSource(root, split, data_cfg.on_bad_example)
+  if fmt == 'voc':
+    return voc_lib.VocSource(root, split,
+                             voc_lib.folder_class_names(root, data_cfg.train_split))
+  if fmt == 'coco':
+    return coco_lib.CocoSource(*coco_lib.coco_paths(root, split))
+  raise ValueError(f'data.format must be one of {FORMATS}, got {fmt!r}')
 
 
 def class_names(data_cfg) -> tuple[str, ...]:
@@ -98,5 +125,9 @@ def class_names(data_cfg) -> tuple[str, ...]:
     return voc_lib.VOC_CLASSES
   if name == 'kitti':
     return kitti_lib.KITTI_CLASSES
+  if name == 'custom' and data_cfg.format == 'yolo':
+    return yolo_lib.class_names(data_cfg.root)
+  if name == 'custom' and data_cfg.format == 'voc':
+    return voc_lib.folder_class_names(data_cfg.root, data_cfg.train_split)
   # COCO-format data defines its own categories.
   return tuple(get_source(data_cfg, data_cfg.eval_split).class_names)

@@ -37,13 +37,14 @@ class VocSource(records.Source):
   Args:
     year_dir: e.g. `<VOCdevkit>/VOC2007` (the folder holding Annotations/).
     split: a file name in ImageSets/Main without `.txt` ('trainval', 'test').
+    class_names: the classes (default VOC's 20); a name outside them is a bad example.
   """
 
-  class_names = VOC_CLASSES
-
-  def __init__(self, year_dir: str, split: str):
+  def __init__(self, year_dir: str, split: str, class_names: tuple[str, ...] = VOC_CLASSES):
     self.year_dir = year_dir
     self.split = split
+    self.class_names = tuple(class_names)
+    self._label_of = {name: i + 1 for i, name in enumerate(self.class_names)}
     split_file = os.path.join(year_dir, 'ImageSets', 'Main', f'{split}.txt')
     if not os.path.isfile(split_file):
       raise FileNotFoundError(
@@ -65,19 +66,20 @@ class VocSource(records.Source):
     image_path = os.path.join(self.year_dir, 'JPEGImages', f'{image_id}.jpg')
     xml_key = records.file_key(xml_path, os.path.dirname(self.year_dir))
     image_key = records.file_key(image_path, os.path.dirname(self.year_dir))
-    names, boxes, difficult = parse_voc_xml(xml_path, xml_key)
+    names, boxes, difficult = parse_voc_xml(xml_path, xml_key, self._label_of)
     image = records.EncodedImage.read(image_path, image_key)
     h, w = image.size()
     problems: list[str] = []
     # Devkit convention: 1-based pixel indices, hence the -1.
     boxes_norm, keep = records.boxes_from_pixels(boxes - 1.0, h, w, problems)
-    labels = np.array([_CLASS_TO_LABEL[n] for n in names], np.int32)
+    labels = np.array([self._label_of[n] for n in names], np.int32)
     return records.make_example(
         image=image, boxes=boxes_norm, labels=labels[keep], ignore=difficult[keep],
         image_id=index, orig_size=(h, w), key=image_key, problems=problems)
 
 
-def parse_voc_xml(path: str, key: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+def parse_voc_xml(path: str, key: str, label_of: dict[str, int] | None = None
+                  ) -> tuple[list[str], np.ndarray, np.ndarray]:
   """Reads one VOC annotation file.
 
   Returns:
@@ -93,11 +95,13 @@ def parse_voc_xml(path: str, key: str) -> tuple[list[str], np.ndarray, np.ndarra
     raise records.BadExampleError(key, 'annotation file is missing') from e
   except ElementTree.ParseError as e:
     raise records.BadExampleError(key, f'annotation XML does not parse: {e}') from e
+  label_of = _CLASS_TO_LABEL if label_of is None else label_of
   names, boxes, difficult = [], [], []
   for obj in root.iter('object'):
     name = (obj.findtext('name') or '').strip()
-    if name not in _CLASS_TO_LABEL:
-      raise records.BadExampleError(key, f'unknown class name {name!r}')
+    if name not in label_of:
+      raise records.BadExampleError(key, f'unknown class name {name!r} (classes: '
+                                    f'{", ".join(label_of)})')
     bndbox = obj.find('bndbox')
     if bndbox is None:
       raise records.BadExampleError(key, f'object {name!r} has no <bndbox>')
@@ -109,3 +113,29 @@ def parse_voc_xml(path: str, key: str) -> tuple[list[str], np.ndarray, np.ndarra
     boxes.append(box)
     difficult.append((obj.findtext('difficult') or '0').strip() == '1')
   return names, np.array(boxes, np.float64).reshape(-1, 4), np.array(difficult, bool)
+
+
+def folder_class_names(root: str, split: str) -> tuple[str, ...]:
+  """The classes of a VOC-style folder of your own: its classes.txt, else every object
+  name in the split's annotations, sorted."""
+  listed = os.path.join(root, 'classes.txt')
+  if os.path.isfile(listed):
+    with open(listed) as f:
+      return tuple(line.strip() for line in f if line.strip())
+  split_file = os.path.join(root, 'ImageSets', 'Main', f'{split}.txt')
+  if not os.path.isfile(split_file):
+    raise FileNotFoundError(f'VOC split file not found: {split_file}')
+  with open(split_file) as f:
+    ids = [line.split()[0] for line in f if line.strip()]
+  names = set()
+  for image_id in ids:
+    path = os.path.join(root, 'Annotations', f'{image_id}.xml')
+    try:
+      tree = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
+      continue      # the example itself reports it when it is read
+    names.update((obj.findtext('name') or '').strip() for obj in tree.iter('object'))
+  names.discard('')
+  if not names:
+    raise ValueError(f'no object names in the annotations of {split_file}; add a classes.txt')
+  return tuple(sorted(names))
