@@ -415,7 +415,6 @@ def role_worker(w1: str, w2: str, w3: str) -> None:
   from smallssd_jax import runner  # pylint: disable=g-import-not-at-top
   from smallssd_jax import sharding  # pylint: disable=g-import-not-at-top
   from smallssd_jax import task as task_lib  # pylint: disable=g-import-not-at-top
-  from smallssd_jax import train  # pylint: disable=g-import-not-at-top
 
   calls = count_metric_calls()
   results = []

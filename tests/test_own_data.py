@@ -2,7 +2,6 @@
 to new classes, and prior coverage with suggested priors."""
 
 import itertools
-import json
 import shlex
 import logging
 import pathlib

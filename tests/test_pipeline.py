@@ -48,7 +48,7 @@ def test_train_batch_contract(on_device):
             'boxes': ((4, m, 4), np.float32),
             'labels': ((4, m), np.int32), 'mask': ((4, m), np.bool_),
             'ignore': ((4, m), np.bool_), 'image_id': ((4,), np.int32),
-            'orig_size': ((4, 2), np.int32)}
+            'orig_size': ((4, 2), np.int32), 'box_repairs': ((4, 3), np.int32)}
   if on_device:  # one photometric stage per image, and where the image pixels are
     expect.update(photometric=((4, 1, 5), np.float32), image_region=((4, 4), np.int32))
   assert set(batch) == set(expect)

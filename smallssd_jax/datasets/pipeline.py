@@ -53,7 +53,7 @@ from smallssd_jax.datasets import ops as ops_lib
 from smallssd_jax.datasets import records
 from smallssd_jax.datasets import sources
 
-BATCH_KEYS = ('image', 'boxes', 'labels', 'mask', 'ignore', 'image_id', 'orig_size')
+BATCH_KEYS = ('image', 'boxes', 'labels', 'mask', 'ignore', 'image_id', 'orig_size', 'box_repairs')
 ON_BAD = ('error', 'skip')
 
 # Bad examples skipped in this process, by reason (workers count their own).

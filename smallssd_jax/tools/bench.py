@@ -52,7 +52,6 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from absl import app
@@ -64,7 +63,6 @@ import numpy as np
 
 # (The package's __init__ has set the CPU XLA defaults before JAX starts.)
 from smallssd_jax import checkpoints as ckpt_lib
-from smallssd_jax import evaluation as eval_lib
 from smallssd_jax import models
 from smallssd_jax import train as train_lib
 from smallssd_jax import batch_layout

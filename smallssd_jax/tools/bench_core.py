@@ -9,8 +9,6 @@ prints the median milliseconds. Run it on an otherwise idle machine.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 from absl import app

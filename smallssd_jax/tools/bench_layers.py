@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from smallssd_jax.tools import bench
 from smallssd_jax.tools import timing
-from smallssd_jax import train as train_lib
 from smallssd_jax import task as task_lib
 
 _STEPS = 3

@@ -10,13 +10,11 @@ are PNG (lossless: the same pixels as the generated ones).
 
 from __future__ import annotations
 
-import os
 import pathlib
 from xml.etree import ElementTree
 
 from absl import app
 from absl import flags
-import numpy as np
 from PIL import Image
 
 from smallssd_jax.datasets import builtin
