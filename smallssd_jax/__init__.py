@@ -20,6 +20,8 @@ _PUBLIC = {
     'evaluate': 'smallssd_jax.metrics',
     'load_torchvision_ssd300': 'smallssd_jax.weights',
     'apply_cpu_xla_defaults': 'smallssd_jax._xla',
+    'Predictor': 'smallssd_jax.predictor',
+    'Detections': 'smallssd_jax.predictor',
 }
 
 __all__ = sorted(_PUBLIC)

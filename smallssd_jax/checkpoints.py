@@ -132,7 +132,7 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Checkpo
 # -------------------------------------------------------------- checksums ---
 
 
-def _flat(tree) -> dict[str, Any]:
+def flat_arrays(tree) -> dict[str, Any]:
   """`{'a/b/c': leaf}` of nested dicts (parameters, batch statistics, array metadata)."""
   flat = flax.traverse_util.flatten_dict(tree, sep='/') if isinstance(tree, dict) else {'': tree}
   return {k: v for k, v in flat.items() if v is not None}
@@ -205,20 +205,20 @@ def _shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple]:
     raise DamagedCheckpoint(f'its metadata cannot be read ({type(e).__name__}: {e})') from e
   if tree is None:
     raise DamagedCheckpoint(f'its array metadata ({STATE}/_METADATA) is missing')
-  return {k: tuple(getattr(v, 'shape', ())) for k, v in _flat(tree).items()}
+  return {k: tuple(getattr(v, 'shape', ())) for k, v in flat_arrays(tree).items()}
 
 
-def check_shapes(stored: dict[str, tuple], wanted, where: str, prefix: str = '') -> None:
+def check_shapes(stored: dict[str, tuple], wanted, where: str, prefix: str = '',
+                 source: str = 'the checkpoint') -> None:
   """Raises CheckpointError naming every array whose stored shape differs from `wanted`'s."""
   problems = []
-  for path, value in _flat(wanted).items():
+  for path, value in flat_arrays(wanted).items():
     shape = tuple(getattr(value, 'shape', ()))
     have = stored.get(prefix + path)
     if have is None:
-      problems.append(f'{prefix + path} is missing from the checkpoint')
+      problems.append(f'{prefix + path} is missing from {source}')
     elif have != shape:
-      problems.append(f'{prefix + path} is {list(have)} in the checkpoint, {list(shape)} in the '
-                      'model')
+      problems.append(f'{prefix + path} is {list(have)} in {source}, {list(shape)} in the model')
   if problems:
     raise errors.CheckpointError(
         f'{where} does not match the config (model width, classes, priors or architecture): '
@@ -337,7 +337,7 @@ def merge_for_finetuning(source: dict, target: dict, what: str) -> tuple[dict, l
   initialisation; a shape mismatch anywhere else is an error naming the array
   and both shapes. Returns (merged tree, report lines).
   """
-  src, dst = _flat(source), _flat(target)
+  src, dst = flat_arrays(source), flat_arrays(target)
   merged, notes, errors_ = {}, [], []
   reinit = {'class heads': [], 'box heads': []}
   for path, value in dst.items():

@@ -337,9 +337,11 @@ def evaluation(metric: str, batch_size: int = 32) -> ConfigDict:
 
 def detection(score_threshold: float = 0.3, max_images: int = 16) -> ConfigDict:
   return ConfigDict(dict(
-      input='',                     # --mode=detect: a folder of images, or one image
+      input='',                     # --mode=detect: a folder of images, one image, a video
+                                    # file (.mp4 ...) or a camera ('<video0>')
       score_threshold=score_threshold,
       max_images=max_images,        # after training: pictures of this many test images
+      max_frames=0,                 # video / camera: stop after this many frames (0: all)
       name='',                      # --mode=detect writes detect/<name>/ ('' = the start time)
   ))
 

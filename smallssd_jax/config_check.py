@@ -320,6 +320,7 @@ RULES: dict[str, Rule] = {
     'detect.input': Rule(string),
     'detect.score_threshold': Rule(number(0, 1)),
     'detect.max_images': Rule(integer(0)),
+    'detect.max_frames': Rule(integer(0)),
     'detect.name': Rule(string),
 }
 
@@ -429,7 +430,7 @@ def _data_problems(config: ml_collections.ConfigDict, mode: str) -> list[str]:
   if mode == 'detect':
     if not config.detect.input:
       problems.append('--mode=detect needs --config.detect.input=FOLDER_OR_IMAGE')
-    elif not os.path.exists(config.detect.input):
+    elif not (os.path.exists(config.detect.input) or config.detect.input.startswith('<video')):
       problems.append(f'detect.input {config.detect.input!r} does not exist')
   if mode == 'train' and config.init_from and not os.path.exists(config.init_from):
     problems.append(f'init_from {config.init_from!r} does not exist')

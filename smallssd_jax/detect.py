@@ -8,14 +8,11 @@ import pathlib
 from typing import Callable
 
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
-from smallssd_jax import boxes as box_lib
 from smallssd_jax import errors
-from smallssd_jax import sharding
 from smallssd_jax.datasets import pipeline
 from smallssd_jax.datasets import records as dataset_records
 
@@ -37,20 +34,22 @@ def image_paths(spec: str) -> list[pathlib.Path]:
   raise FileNotFoundError(f'detect.input not found: {spec}')
 
 
-def class_name(class_names, label: int) -> str:
-  return class_names[label - 1] if 0 < label <= len(class_names) else str(label)
-
-
 def draw_detections(image: np.ndarray, boxes_px: np.ndarray, scores: np.ndarray,
-                    labels: np.ndarray, class_names, out_path: str) -> None:
-  """Draws yxyx pixel boxes with class names and scores; writes a PNG."""
+                    labels: np.ndarray, names, out_path: str | None = None) -> np.ndarray:
+  """Draws yxyx pixel boxes with their class names (one per box) and scores.
+
+  Returns the drawn uint8 RGB image; writes it as a PNG when `out_path` is given.
+  """
   pil = Image.fromarray(image).convert('RGB')
   draw = ImageDraw.Draw(pil)
-  for (y0, x0, y1, x1), s, c in zip(boxes_px, scores, labels):
+  names = list(names) or [str(int(c)) for c in labels]
+  for (y0, x0, y1, x1), s, c, name in zip(boxes_px, scores, labels, names):
     color = _PALETTE[(int(c) - 1) % len(_PALETTE)]
     draw.rectangle([x0, y0, x1, y1], outline=color, width=2)
-    draw.text((x0 + 2, max(0, y0 - 11)), f'{class_name(class_names, int(c))} {s:.2f}', fill=color)
-  pil.save(out_path)
+    draw.text((x0 + 2, max(0, y0 - 11)), f'{name} {s:.2f}', fill=color)
+  if out_path:
+    pil.save(out_path)
+  return np.asarray(pil)
 
 
 def output_names(names: list[str]) -> list[str]:
@@ -66,20 +65,25 @@ def output_names(names: list[str]) -> list[str]:
   return out
 
 
-def detect_images(config: ml_collections.ConfigDict, predict_fn: Callable, variables,
-                  mesh: jax.sharding.Mesh, images: list[tuple[str, Callable[[], np.ndarray]]],
-                  out_dir: str) -> list[dict]:
+def detect_images(predictor: Callable, images: list[tuple[str, Callable[[], np.ndarray]]],
+                  out_dir: str, batch_size: int = 8) -> list[dict]:
   """Detection on (name, load) pairs, `load()` giving uint8 HWC RGB; writes PNGs and detections.json.
 
-  An image that cannot be read is skipped with a warning naming it and recorded
-  in detections.json with its error (its record has no detections); when no
-  image can be read the run fails.
+  `predictor`: a `predictor.Predictor` (any callable taking a list of images
+  and returning their `Detections`). An image that cannot be read is skipped
+  with a warning naming it and recorded in detections.json with its error
+  (its record has no detections); when no image can be read the run fails.
   """
-  class_names = pipeline.class_names(config.data)
   os.makedirs(out_dir, exist_ok=True)
-  records, skipped = [], []
-  threshold = config.detect.score_threshold
-  spec = pipeline.input_spec(config)
+  records, skipped, pending = [], [], []
+
+  def flush():
+    for (name, picture, image, record), found in zip(pending, predictor([p[2] for p in pending])):
+      draw_detections(image, found.boxes, found.scores, found.classes, found.class_names or (),
+                      os.path.join(out_dir, picture))
+      record.update(picture=picture, detections=found.to_json())
+    pending.clear()
+
   for (name, load), picture in zip(images, output_names([n for n, _ in images])):
     try:
       image = load()
@@ -88,19 +92,12 @@ def detect_images(config: ml_collections.ConfigDict, predict_fn: Callable, varia
       skipped.append(name)
       records.append({'image': name, 'error': str(e), 'detections': []})
       continue
-    prepared = pipeline.preprocess_for_inference(image, config, spec)
-    # One image, repeated so that the batch divides evenly over the mesh.
-    batch = {'image': np.repeat(prepared[None], mesh.size, 0)}
-    out = jax.device_get(predict_fn(variables, sharding.to_global_batch(batch, mesh)['image']))
-    keep = out['valid'][0] & (out['scores'][0] >= threshold)
-    h, w = image.shape[:2]
-    boxes = box_lib.normalised_to_pixels(out['boxes'][0][keep], (h, w))
-    scores, labels = out['scores'][0][keep], out['labels'][0][keep]
-    draw_detections(image, boxes, scores, labels, class_names, os.path.join(out_dir, picture))
-    records.append({'image': name, 'picture': picture, 'detections': [
-        {'box_yxyx_px': [round(float(v), 2) for v in b], 'score': float(s), 'label': int(c),
-         'class': class_name(class_names, int(c))}
-        for b, s, c in zip(boxes, scores, labels)]})
+    records.append({'image': name})
+    pending.append((name, picture, image, records[-1]))
+    if len(pending) == batch_size:
+      flush()
+  if pending:
+    flush()
   with open(os.path.join(out_dir, 'detections.json'), 'w') as f:
     json.dump(records, f, indent=1)
   if skipped:

@@ -39,3 +39,13 @@ class CheckpointError(RunError):
 class WorkdirBusy(RunError):
   """Another live process is training in the same workdir."""
   exit_code = 7
+
+
+class InputError(RunError, ValueError):
+  """An input to detect or export (an image, a video) cannot be used; the message names it."""
+  exit_code = 8
+
+
+class MissingExtra(RunError, ImportError):
+  """An optional feature's packages are not installed; the message gives the pip line."""
+  exit_code = 9

@@ -12,7 +12,9 @@ its arguments (`configs/x.py:runlocal`), so the command line always wins.
 Exit status: 0 done; 2 invalid config (nothing trained); 3 trained and saved
 but an evaluation failed; 4 stopped on request (resume with the same
 command); 5 non-finite loss; 6 no intact checkpoint; 7 workdir in use by
-another run; 1 anything else (a traceback follows).
+another run; 8 unreadable input (an image, a video); 9 an optional extra is
+not installed (the message names the pip line); 1 anything else (a traceback
+follows).
 """
 
 import sys

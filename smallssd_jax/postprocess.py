@@ -93,6 +93,28 @@ def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array,
   return jnp.where(valid, order[slots], 0).astype(jnp.int32), valid
 
 
+def decode_scores(outputs: Mapping[str, jax.Array], anchors: jax.Array, post_cfg: Any,
+                  variances: Sequence[float] = box_lib.DEFAULT_VARIANCES,
+                  two_step: bool = False, arm_filter_threshold: float | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """The part of `detect` before NMS: (boxes `[B, A, 4]` yxyx normalised and
+  clipped to [0, 1], class probabilities `[B, A, C]`, two-step filtering applied).
+
+  The ONNX export runs this in the graph and ONNX's NonMaxSuppression after it.
+  """
+  anchors = jnp.asarray(anchors, jnp.float32)
+  probs = jax.nn.softmax(outputs['cls_logits'].astype(jnp.float32), axis=-1)
+  if two_step:
+    if arm_filter_threshold is None:
+      arm_filter_threshold = post_cfg['arm_filter_threshold']
+    arm_bg = jax.nn.softmax(outputs['arm_logits'].astype(jnp.float32), axis=-1)[..., 0]
+    probs = jnp.where((arm_bg > arm_filter_threshold)[..., None], 0.0, probs)
+    refined = box_lib.decode_boxes(outputs['arm_deltas'].astype(jnp.float32), anchors, variances)
+    anchors = box_lib.yxyx_to_cycxhw(refined)
+  boxes = box_lib.decode_boxes(outputs['box_deltas'].astype(jnp.float32), anchors, variances)
+  return jnp.clip(boxes, 0.0, 1.0), probs
+
+
 def detect(outputs: Mapping[str, jax.Array], anchors: jax.Array, post_cfg: Any,
            variances: Sequence[float] = box_lib.DEFAULT_VARIANCES,
            two_step: bool = False,
@@ -125,19 +147,9 @@ def detect(outputs: Mapping[str, jax.Array], anchors: jax.Array, post_cfg: Any,
   score_threshold = float(post_cfg.score_threshold)
   nms_iou = float(post_cfg.nms_iou)
   max_det = int(post_cfg.max_detections)
-  anchors = jnp.asarray(anchors, jnp.float32)
-  logits = outputs['cls_logits'].astype(jnp.float32)
-  batch, num_anchors, num_classes = logits.shape
-  probs = jax.nn.softmax(logits, axis=-1)
-  if two_step:
-    if arm_filter_threshold is None:
-      arm_filter_threshold = post_cfg['arm_filter_threshold']
-    arm_bg = jax.nn.softmax(outputs['arm_logits'].astype(jnp.float32), axis=-1)[..., 0]
-    probs = jnp.where((arm_bg > arm_filter_threshold)[..., None], 0.0, probs)
-    refined = box_lib.decode_boxes(outputs['arm_deltas'].astype(jnp.float32), anchors, variances)
-    anchors = box_lib.yxyx_to_cycxhw(refined)
-  boxes = box_lib.decode_boxes(outputs['box_deltas'].astype(jnp.float32), anchors, variances)
-  boxes = jnp.clip(boxes, 0.0, 1.0)
+  boxes, probs = decode_scores(outputs, anchors, post_cfg, variances, two_step,
+                               arm_filter_threshold)
+  batch, num_anchors, _ = probs.shape
 
   # [B, C-1, A]: one row of candidates per foreground class.
   scores = jnp.swapaxes(probs[..., 1:], 1, 2)

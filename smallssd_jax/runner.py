@@ -26,6 +26,7 @@ from smallssd_jax import evaluation
 from smallssd_jax import predictor
 from smallssd_jax import task as task_lib
 from smallssd_jax import train as train_lib
+from smallssd_jax import video
 
 
 def _cluster_detected() -> bool:
@@ -103,27 +104,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict:
       train_lib.dump_config(config, workdir)
       results = train_lib.train_and_evaluate(config, workdir)
       if config.detect.max_images:
-        task, state, _, mesh = predictor.restore_for_inference(config, workdir)
         out = os.path.join(workdir, 'detect')
-        detect_lib.detect_images(config, task_lib.make_predict_fn(task, config, mesh),
-                                 task_lib.variables_of(state), mesh,
+        detect_lib.detect_images(predictor.Predictor.from_checkpoint(config, workdir),
                                  detect_lib.eval_examples(config, config.detect.max_images), out)
         if jax.process_index() == 0:
           print(f'Detections drawn on {config.detect.max_images} test images in {out}', flush=True)
   elif mode == 'eval':
     out = record_dir(workdir, 'eval', config.eval.name)
-    task, state, step, mesh = predictor.restore_for_inference(config, workdir)
+    task, state, step, mesh = predictor.restore_for_inference(
+        config, config.eval.checkpoint or workdir)
     _write_config(config, os.path.join(out, 'config.json'))
     evaluator = evaluation.Evaluator(config, task_lib.make_predict_fn(task, config, mesh), mesh)
     results = evaluator.run(task_lib.variables_of(state), step=step,
                             out_dir=os.path.join(out, f'step_{step}'))
   elif mode == 'detect':
     out = record_dir(workdir, 'detect', config.detect.name)
-    task, state, _, mesh = predictor.restore_for_inference(config, workdir)
+    model = predictor.Predictor.from_checkpoint(config, config.eval.checkpoint or workdir)
     _write_config(config, os.path.join(out, 'config.json'))
-    records = detect_lib.detect_images(config, task_lib.make_predict_fn(task, config, mesh),
-                                       task_lib.variables_of(state), mesh,
-                                       detect_lib.folder_images(config.detect.input), out)
+    if video.is_video(config.detect.input):
+      summary = video.detect_video(model, config.detect.input, out,
+                                   max_frames=config.detect.max_frames)
+      return {'video': summary, 'out_dir': out}
+    records = detect_lib.detect_images(model, detect_lib.folder_images(config.detect.input), out)
     print(f'Wrote {len(records)} images with detections to {out}', flush=True)
     return {'detections': records, 'out_dir': out}
   else:

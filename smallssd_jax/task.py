@@ -42,10 +42,15 @@ class Task:
   inputs: batch_layout.InputSpec = struct.field(pytree_node=False)
 
 
-def build_task(config: ml_collections.ConfigDict) -> Task:
-  """Model module + priors, checking that the heads predict one output per prior."""
+def build_task(config: ml_collections.ConfigDict, backend: str | None = None) -> Task:
+  """Model module + priors, checking that the heads predict one output per prior.
+
+  `backend`: the platform the layers are built for (models.layer_kinds; default
+  JAX's default backend); every choice has the same variables.
+  """
   priors = anchors_lib.from_config(config.anchors)
-  module = models.build_detector(config.model, anchors_lib.anchors_per_location(config.anchors))
+  module = models.build_detector(config.model, anchors_lib.anchors_per_location(config.anchors),
+                                 backend=backend)
   models.check_anchor_count(module, config.model, priors.shape[0])
   return Task(module=module, anchors=priors, two_step=config.model.head == 'two_step',
               inputs=batch_layout.InputSpec.from_config(config.data,

@@ -275,8 +275,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def dump_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """The training run's config, `config.json` in the workdir (process 0)."""
+  """The training run's config, `config.json`, and its data's class names,
+  `classes.json` (what a deployed model names its classes by), in the workdir."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(config.to_dict(), f, indent=2, default=str)
+    with open(os.path.join(workdir, 'classes.json'), 'w') as f:
+      json.dump(list(pipeline.class_names(config.data)), f, indent=1)

@@ -18,7 +18,7 @@ LAYERS = [
     ('smallssd_jax.train', 'train', 5),
     ('smallssd_jax.predictor', 'predictor', 5),
     ('smallssd_jax.config_check', 'config_check', 5),
-    ('smallssd_jax.export', 'export', 5),
+    ('smallssd_jax.export', 'export', 6),
     ('smallssd_jax.checkpoints', 'checkpoints', 4),
     ('smallssd_jax.evaluation', 'evaluation', 4),
     ('smallssd_jax.detect', 'detect', 4),

@@ -171,8 +171,11 @@ def resize_bilinear(x: Array, size: Sequence[int]) -> Array:
   b, h, w, c = x.shape
   if (h, w) == tuple(size):
     return x
+  # Antialiasing changes nothing when no axis shrinks; asked for only then, the
+  # upsampling stays one plain interpolation (which ONNX converters also take).
+  shrinks = size[0] < h or size[1] < w
   return jax.image.resize(x, (b, size[0], size[1], c), method='bilinear',
-                          antialias=True).astype(x.dtype)
+                          antialias=shrinks).astype(x.dtype)
 
 
 def crop_or_pad(x: Array, size: Sequence[int], centred: bool) -> Array:
