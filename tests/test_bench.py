@@ -180,3 +180,20 @@ def test_bench_layers_report():
       rows[0]['train']['ms'] + 2 * rows[1]['train']['ms'])
   report = bench_layers.format_report(results)
   assert report.count('\n') == len(rows) + 2 and 'all convolutions' in report
+
+
+def test_diagnose_sees_which_sources_feed_each_level():
+  """DF-SSD's first level reads every source, conv4_3 most at initialisation under the
+  default design (docs/results.md); its second level reads fc7 alone, as SSD's does."""
+  from smallssd_jax.tools import diagnose  # pylint: disable=g-import-not-at-top
+  from smallssd_jax.config_blocks import load_config  # pylint: disable=g-import-not-at-top
+  config = str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py')
+  cfg = load_config(f'{config}:model=dfssd,runlocal')
+  cfg.batch_size = 2
+  report = diagnose.diagnose(cfg)
+  level0 = {k: v[0] for k, v in report['sensitivity'].items() if v[0] > 0}
+  assert {'conv4_3', 'fc7', 'conv8_2', 'conv11_2'} <= set(level0)
+  assert max(level0, key=level0.get) == 'conv4_3'
+  level1 = {k: v[1] for k, v in report['sensitivity'].items() if v[1] > 0}
+  assert set(level1) == {'fc7'}
+  assert 'share of level 0: conv4_3' in diagnose.format_report(report)

@@ -197,7 +197,7 @@ def diagnose(config, workdir: str = '', num_batches: int = 1) -> dict[str, Any]:
   runs = []
   for _ in range(num_batches):
     batch = {k: jnp.asarray(v) for k, v in next(iterator).items()}
-    images = pixels_lib.model_input(batch, detector.pixels)
+    images = pixels_lib.model_input(batch, detector.inputs, train=True)
     features = backbone_features(module, variables, images)
     outputs, _ = from_features(module, variables, features)
     (_, _), grads = jax.value_and_grad(
