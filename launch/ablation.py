@@ -4,7 +4,7 @@ Every run trains and evaluates one (dataset, model, variant, seed) with the
 built-in recipe (`configs/default.py` / `configs/tiny.py`: same width, steps,
 batch and schedule for every model), in its own workdir. A finished run
 writes a small record, its results and nothing else, to
-`--records/<dataset>/<run>.json` (tracked in git under `docs/ablation/`):
+`--records/<steps>steps/<dataset>/<run>.json` (tracked in git under `docs/ablation/`):
 run the same command again and recorded runs are skipped, an interrupted
 run resumes from its last checkpoint (`--checkpoint-every`), and the report
 is rewritten from whatever records exist. So a sweep of hours can be done
@@ -16,7 +16,7 @@ over several sittings.
       --variants=dfssd:fusion_off,dfssd:fuse_all,skipfpn:no_grf,skipfpn:no_skip
   python launch/ablation.py ... --report-only      # rewrite docs/results.md only
 
-The report (between markers in `--out`, by default docs/results.md): per
+The report (between markers of its step budget in `--out`, by default docs/results.md): per
 dataset, mAP / APs / APm as mean ± standard deviation over seeds, and each
 model's per-seed paired difference to SSD300 (same seed, same data order)
 with a 95% t interval; a difference whose interval excludes zero is marked
@@ -127,7 +127,7 @@ def command(args, run: dict, workdir: str) -> list[str]:
 
 
 def record_path(args, run: dict) -> pathlib.Path:
-  return pathlib.Path(args.records, run['dataset'], run['tag'] + '.json')
+  return pathlib.Path(args.records, f'{args.steps}steps', run['dataset'], run['tag'] + '.json')
 
 
 def read_record(args, run: dict) -> dict | None:
@@ -211,14 +211,16 @@ def report_dataset(dataset: str, records: list[dict]) -> list[str]:
   labels = list(dict.fromkeys(r['label'] for r in records))
   by = {(r['label'], r['seed']): r for r in records}
   seeds = sorted({r['seed'] for r in records})
-  lines = [f'### {dataset} (`{DATASETS[dataset]}`)', '',
-           '| model | seeds | ' + ' | '.join(METRICS) + ' | train images/s | minutes per run |',
+  lines = [f'#### {dataset} (`{DATASETS[dataset]}`)', '',
+           '| model | seeds | ' + ' | '.join(METRICS) + ' | train images/s | train minutes |',
            '|---|---|' + '---|' * (len(METRICS) + 2)]
   for label in labels:
     rs = [by[(label, s)] for s in seeds if (label, s) in by]
     cells = [mean_sd([v for v in (_value(r, k) for r in rs) if v is not None]) for k in METRICS]
     rate = statistics.median([r['images_per_sec'] for r in rs if r.get('images_per_sec')] or [0])
-    minutes = statistics.mean(r['seconds'] for r in rs) / 60
+    # From the images/s the run logged: its wall time also holds evaluation, start-up and
+    # any pause of the sweep.
+    minutes = rs[0]['steps'] * 8 / rate / 60 if rate else float('nan')   # batch 8
     lines.append(f'| {label} | {",".join(str(r["seed"]) for r in rs)} | ' + ' | '.join(cells)
                  + f' | {rate:.1f} | {minutes:.1f} |')
   if 'ssd' in labels:
@@ -249,7 +251,7 @@ def write_report(args, records: list[dict]) -> None:
   datasets = [d for d in DATASETS if any(r['dataset'] == d for r in records)]
   steps = sorted({r['steps'] for r in records})
   lines = [
-      '## Ablation on the built-in data', '',
+      f'### {steps[0]} steps', '',
       f'Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python '
       f'{platform.python_version()}. Every run: width {args.width}, {", ".join(map(str, steps))} '
       'steps of batch 8 from scratch, the recipe of `configs/default.py`; VOC07 11-point AP at '
@@ -259,7 +261,7 @@ def write_report(args, records: list[dict]) -> None:
       '--report-only` and the same arguments.', '']
   for dataset in datasets:
     lines += report_dataset(dataset, [r for r in records if r['dataset'] == dataset])
-  begin, end = '<!-- ablation:begin -->', '<!-- ablation:end -->'
+  begin, end = f'<!-- ablation:{steps[0]}:begin -->', f'<!-- ablation:{steps[0]}:end -->'
   block = begin + '\n' + '\n'.join(lines) + end
   out = pathlib.Path(args.out)
   text = out.read_text() if out.exists() else ''
@@ -274,7 +276,7 @@ def write_report(args, records: list[dict]) -> None:
 def load_records(args) -> list[dict]:
   """Every record of this budget (steps, width), whichever sweep command wrote it."""
   out = []
-  for path in sorted(pathlib.Path(args.records).glob('*/*.json')):
+  for path in sorted(pathlib.Path(args.records, f'{args.steps}steps').glob('*/*.json')):
     rec = json.loads(path.read_text())
     if rec['steps'] == args.steps and rec['width'] == args.width:
       out.append(rec)

@@ -25,10 +25,9 @@ Array = jax.Array
 # ----------------------------------------------------- per-channel sums ---
 #
 # XLA's CPU backend reduces the leading axes of an NHWC map (a bias gradient,
-# BatchNorm statistics) with a strided loop that runs about 8x slower than the
-# same sum written as a matrix-vector product with a vector of ones (measured:
-# 535 vs 69 ms for [4, 300, 300, 64]); in a VGG16-SSD300 train step those sums
-# took a quarter of the time. Other backends keep the plain reduction.
+# BatchNorm statistics) with a strided loop several times slower than the same
+# sum written as a matrix-vector product with a vector of ones
+# (docs/performance.md). Other backends keep the plain reduction.
 
 
 def _ones_matvec(x: Array) -> Array:
@@ -66,13 +65,11 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 # A convolution's weight gradient reads its input transposed to [C, H, W, N].
 # XLA's CPU backend fuses the elementwise ops that produced that input (the
 # previous layer's bias add and ReLU) into the transpose, recomputing them in
-# a loop about 4x slower than its own plain transpose (290-400 against 85 ms
-# for [8, 300, 300, 64]); in a VGG16-SSD300 train step at batch 8 those
-# transposes took 1.35 of 7.9 s. `conv_nhwc` therefore saves its input for
-# the backward pass as the result of a conditional, which fusion cannot look
-# into, so the transposes read the stored activation (0.68 s; the step 7.0 s).
-# An optimization barrier or a one-trip while loop does not survive XLA's CPU
-# pipeline. Other backends save the input as it is.
+# a loop several times slower than its own plain transpose (docs/performance.md).
+# `conv_nhwc` therefore saves its input for the backward pass as the result of
+# a conditional, which fusion cannot look into, so the transposes read the
+# stored activation. An optimization barrier or a one-trip while loop does not
+# survive XLA's CPU pipeline. Other backends save the input as it is.
 
 
 def _stored(x: Array, anchor: Array) -> Array:
