@@ -162,3 +162,20 @@ def test_importing_the_package_leaves_xla_flags_alone():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
                        timeout=120, check=True).stdout.strip()
   assert out == '--xla_disable_hlo_passes=dot-library-rewriter'
+
+
+def test_every_command_line_entry_point_applies_the_cpu_xla_defaults():
+  """Importing the package leaves XLA_FLAGS alone, so each `python -m` entry point must set
+  the CPU defaults itself (without them the CPU train step is several times slower)."""
+  package = pathlib.Path(__file__).parents[1] / 'smallssd_jax'
+  entry_points = [p for p in package.rglob('*.py')
+                  if "if __name__ == '__main__':" in p.read_text()]
+  assert len(entry_points) >= 10
+  missing = []
+  for path in entry_points:
+    tree = ast.parse(path.read_text())
+    calls = {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute)}
+    if 'apply_cpu_xla_defaults' not in calls:
+      missing.append(str(path.relative_to(package)))
+  assert not missing, f'entry points that do not apply the CPU XLA defaults: {missing}'

@@ -22,6 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
+from smallssd_jax import _xla
 from smallssd_jax import anchors as anchors_lib
 from smallssd_jax import batch_layout
 from smallssd_jax import config_blocks
@@ -171,5 +172,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _xla.apply_cpu_xla_defaults()     # before any JAX backend starts
   flags.mark_flag_as_required('config')
   app.run(main)

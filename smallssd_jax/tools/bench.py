@@ -62,6 +62,7 @@ from ml_collections import config_flags
 import numpy as np
 
 # (The package's __init__ has set the CPU XLA defaults before JAX starts.)
+from smallssd_jax import _xla
 from smallssd_jax import checkpoints as ckpt_lib
 from smallssd_jax import models
 from smallssd_jax import train as train_lib
@@ -483,5 +484,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _xla.apply_cpu_xla_defaults()     # before any JAX backend starts
   define_flags()
   app.run(main)

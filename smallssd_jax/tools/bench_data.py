@@ -28,6 +28,7 @@ from absl import flags
 import numpy as np
 from PIL import Image, ImageDraw
 
+from smallssd_jax import _xla
 from smallssd_jax import config_blocks
 from smallssd_jax import batch_layout
 from smallssd_jax.datasets import ops as ops_lib
@@ -168,4 +169,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _xla.apply_cpu_xla_defaults()     # before any JAX backend starts
   app.run(main)

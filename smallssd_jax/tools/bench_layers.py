@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from smallssd_jax import _xla
 from smallssd_jax.tools import bench
 from smallssd_jax.tools import timing
 from smallssd_jax import task as task_lib
@@ -245,5 +246,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _xla.apply_cpu_xla_defaults()     # before any JAX backend starts
   define_flags()
   app.run(main)

@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from smallssd_jax import _xla
 from smallssd_jax import metrics
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 4952, 'Images in the synthetic set.')
@@ -97,4 +98,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _xla.apply_cpu_xla_defaults()     # before any JAX backend starts
   app.run(main)

@@ -17,6 +17,7 @@ from absl import app
 from absl import flags
 from PIL import Image
 
+from smallssd_jax import _xla
 from smallssd_jax.datasets import builtin
 
 
@@ -84,6 +85,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _xla.apply_cpu_xla_defaults()     # before any JAX backend starts
   flags.DEFINE_string('out', None, 'Folder to write.')
   flags.DEFINE_enum('format', 'yolo', ['yolo', 'voc'], 'Folder layout.')
   flags.DEFINE_string('config', 'configs/default.py', 'Config whose built-in data to write.')

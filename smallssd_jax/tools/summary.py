@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
+from smallssd_jax import _xla
 from smallssd_jax import anchors as anchors_lib
 from smallssd_jax import models
 from smallssd_jax import config_blocks
@@ -99,5 +100,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  _xla.apply_cpu_xla_defaults()     # before any JAX backend starts
   define_flags()
   app.run(main)
