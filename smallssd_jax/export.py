@@ -216,7 +216,8 @@ def export_onnx(predictor: predictor_lib.Predictor, out: str, batch: int = 1) ->
       'one_i': np.array(1, np.int64), 'k': np.array([max_det], np.int64),
       'pad_scores': np.full((batch, max_det), -1.0, np.float32),
       'pad_index': np.zeros((max_det,), np.int64), 'axis0': np.array([0], np.int64),
-      'col02': np.array([0, 2], np.int64),
+      'col02': np.array([0, 2], np.int64), 'four': np.array([max_det, 4], np.int64),
+      'minus_axis': np.array([-1], np.int64),
   }
   for name, value in consts.items():
     graph.initializer.append(onnx.numpy_helper.from_array(value, f'nms_{name}'))
@@ -261,10 +262,6 @@ def export_onnx(predictor: predictor_lib.Predictor, out: str, batch: int = 1) ->
       helper.make_node('Unsqueeze', ['valid', c('minus_axis')], ['valid3']),
       helper.make_node('Where', ['valid3', 'boxes_all', c('zero_f')], ['boxes']),
   ]
-  graph.initializer.append(onnx.numpy_helper.from_array(np.array([max_det, 4], np.int64),
-                                                        'nms_four'))
-  graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], np.int64),
-                                                        'nms_minus_axis'))
   graph.node.extend(nodes)
   del graph.output[:]
   graph.output.extend([

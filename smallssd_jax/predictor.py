@@ -149,11 +149,12 @@ class Predictor:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, variables: dict[str, Any], *,
-               class_names: Sequence[str] | None = None, step: int | None = None):
+               class_names: Sequence[str] | None = None, step: int | None = None,
+               task: task_lib.Task | None = None):
     self.config = config
     self.step = step
     self.class_names = tuple(class_names) if class_names is not None else None
-    self.task = task_lib.build_task(config)
+    self.task = task if task is not None else task_lib.build_task(config)
     self.spec = self.task.inputs
     self.input_size = int(config.model.input_size)
     self.mesh = sharding.make_mesh(jax.local_devices())
@@ -195,8 +196,8 @@ class Predictor:
                       step: int | None = None) -> 'Predictor':
     """The detector `config` describes, restored from `source` (a workdir, its
     `checkpoints/` or one step's folder) at `step` or the newest intact one."""
-    _, state, step, _ = restore_for_inference(config, source, step)
-    return cls(config, task_lib.variables_of(state), step=step,
+    task, state, step, _ = restore_for_inference(config, source, step)
+    return cls(config, task_lib.variables_of(state), step=step, task=task,
                class_names=run_class_names(config, source))
 
   @classmethod
@@ -214,7 +215,7 @@ class Predictor:
     ckpt_lib.check_shapes(given, dict(expected), 'the given variables', source='the variables')
     if class_names is None:
       class_names = run_class_names(config, None)
-    return cls(config, variables, class_names=class_names)
+    return cls(config, variables, class_names=class_names, task=task)
 
   # ----------------------------------------------------------- inference ---
 

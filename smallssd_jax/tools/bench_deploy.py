@@ -26,7 +26,6 @@ images/s and of the per-round ratio to torchvision are reported.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -49,6 +48,7 @@ from smallssd_jax import pixels
 from smallssd_jax import predictor as predictor_lib
 from smallssd_jax import task as task_lib
 from smallssd_jax import weights as weights_lib
+from smallssd_jax.tools import bench
 from smallssd_jax.tools import timing
 
 NUM_CLASSES = 91
@@ -111,11 +111,11 @@ def run(batches: list[int], rounds: int, compare_torchvision: bool,
   else:
     variables = task_lib.init_variables(task_lib.build_task(config), config,
                                         task_lib.init_rng(0))
-  task = task_lib.build_task(config)
-  network = jax.jit(lambda v, x: task.module.apply(
-      v, pixels.normalize(x.astype(jnp.float32), task.inputs), train=False))
   predictor = predictor_lib.Predictor.from_config(
       config, variables, class_names=[str(i) for i in range(1, NUM_CLASSES)])
+  task = predictor.task
+  network = jax.jit(lambda v, x: task.module.apply(
+      v, pixels.normalize(x.astype(jnp.float32), task.inputs), train=False))
   tmp = tempfile.mkdtemp(prefix='bench_deploy_')
   export_lib.export_stablehlo(predictor, os.path.join(tmp, 'model.jax'))
   exported, _ = export_lib.load_stablehlo(os.path.join(tmp, 'model.jax'))
@@ -207,10 +207,7 @@ def main(argv) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   results = run([int(b) for b in f.batches], f.rounds, f['compare-torchvision'].value, f.onnx)
-  print(format_report(results))
-  if f.json:
-    with open(f.json, 'w') as out:
-      json.dump(results, out, indent=1)
+  bench.print_and_save(format_report(results), results, f.json)
 
 
 if __name__ == '__main__':

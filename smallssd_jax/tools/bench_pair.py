@@ -11,7 +11,6 @@ median of the per-round ratios other / config (> 1: the other is slower).
 
 from __future__ import annotations
 
-import json
 import statistics
 
 from absl import app
@@ -74,10 +73,7 @@ def main(argv) -> None:
   bench.check_command_line(argv)
   f = flags.FLAGS
   results = run(f.config, f.other, f.batch, f.rounds)
-  print(format_report(results))
-  if f.json:
-    with open(f.json, 'w') as out:
-      json.dump(results, out, indent=1)
+  bench.print_and_save(format_report(results), results, f.json)
 
 
 if __name__ == '__main__':
