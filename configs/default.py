@@ -32,12 +32,14 @@ def get_config(arg=None):
   config.model.head_init = 'small'
   config.post = blocks.postprocess()
   # Data: the built-in small-object dataset at the model's input size: 4-32 shapes of
-  # 6-64 px per image (docs/design.md §6); Caffe SSD augmentation, zoom-out up to 2x
-  # only (the objects are already small).
+  # 6-64 px per image (docs/design.md §6). Horizontal flips only: a run sees at most
+  # one pass over the 8192 training images, so no image repeats and the Caffe
+  # zoom-out / crop / colour augmentation only moves the training objects away from
+  # the test ones (measured in docs/results.md; docs/design.md §9).
   config.data = blocks.data('builtin_small', max_boxes=48, eval_split='test')
   config.data.builtin.image_size = config.model.input_size
   config.data.builtin.num_test = 150
-  config.data.zoom_out_max = 2.0
+  config.data.augment = ['flip']
   # Schedule: batch 8, SGD lr 1e-2 after a linear warm-up (a fifth of the run, at most
   # 100 steps), /10 at 70% and 90% of the run, global gradient clip at 10.
   config.batch_size = 8
