@@ -59,6 +59,9 @@ def tiny_config():
   cfg.model.backbone_batch_norm = False
   cfg.model.head_init = 'xavier'
   cfg.model.dfssd.update(deconv_kernel=4, deconv_padding=1, source_norm='none', context_init=1.0)
+  # The papers' Caffe augmentation, so a run goes through every train-time path
+  # (and the NaN tests can poison the photometric draw the step applies).
+  cfg.data.augment = ['photometric', 'zoom_out', 'min_iou_crop', 'flip']
   cfg.num_train_steps = STEPS
   cfg.log_every_steps = 1
   cfg.checkpoint_every_steps = 2
