@@ -19,8 +19,9 @@ over several sittings.
 The report (between markers of its step budget in `--out`, by default docs/results.md): per
 dataset, mAP / APs / APm as mean ± standard deviation over seeds, and each
 model's per-seed paired difference to SSD300 (same seed, same data order)
-with a 95% t interval; a difference whose interval excludes zero is marked
-as beyond the seed-to-seed noise.
+with a 95% t interval, and each switch's paired difference to its own full
+detector (what the part switched off contributes); a difference whose
+interval excludes zero is marked as beyond the seed-to-seed noise.
 """
 
 from __future__ import annotations
@@ -225,26 +226,37 @@ def report_dataset(dataset: str, records: list[dict]) -> list[str]:
                  + f' | {rate:.1f} | {minutes:.1f} |')
   if 'ssd' in labels:
     lines += ['', 'Paired difference to SSD300 (same seed), mean with its 95% interval, in '
-              'points; **bold**: the interval excludes 0 (beyond the seed-to-seed noise):', '',
-              '| model | ' + ' | '.join(f'Δ{k}' for k in METRICS) + ' |',
-              '|---|' + '---|' * len(METRICS)]
-    for label in labels:
-      if label == 'ssd':
-        continue
-      cells = []
-      for key in METRICS:
-        diffs = [_value(by[(label, s)], key) - _value(by[('ssd', s)], key) for s in seeds
-                 if (label, s) in by and ('ssd', s) in by
-                 and _value(by[(label, s)], key) is not None and _value(by[('ssd', s)], key) is not None]
-        interval = paired_interval(diffs)
-        if interval is None:
-          cells.append(f'{100 * diffs[0]:+.1f} (1 seed)' if diffs else '-')
-          continue
-        mean, half = interval
-        text = f'{100 * mean:+.1f} ± {100 * half:.1f}'
-        cells.append(f'**{text}**' if abs(mean) > half else text)
-      lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+              'points; **bold**: the interval excludes 0 (beyond the seed-to-seed noise):', '']
+    lines += _paired_table(by, seeds, [(label, 'ssd') for label in labels if label != 'ssd'])
+  switched = [(label, label.partition('[')[0]) for label in labels
+              if '[' in label and label.partition('[')[0] in labels]
+  if switched:
+    lines += ['', "Each switch against its own full detector (same seed): what the switched-off "
+              "part contributes with the sign flipped; **bold** beyond the seed-to-seed noise:", '']
+    lines += _paired_table(by, seeds, switched)
   return lines + ['']
+
+
+def _paired_table(by: dict, seeds: list[int], pairs: list[tuple[str, str]]) -> list[str]:
+  """Rows of `label - base` per seed, as mean ± 95% half-width in points."""
+  lines = ['| model | ' + ' | '.join(f'Δ{k}' for k in METRICS) + ' |',
+           '|---|' + '---|' * len(METRICS)]
+  for label, base in pairs:
+    cells = []
+    for key in METRICS:
+      diffs = [_value(by[(label, s)], key) - _value(by[(base, s)], key) for s in seeds
+               if (label, s) in by and (base, s) in by
+               and _value(by[(label, s)], key) is not None and _value(by[(base, s)], key) is not None]
+      interval = paired_interval(diffs)
+      if interval is None:
+        cells.append(f'{100 * diffs[0]:+.1f} (1 seed)' if diffs else '-')
+        continue
+      mean, half = interval
+      text = f'{100 * mean:+.1f} ± {100 * half:.1f}'
+      cells.append(f'**{text}**' if abs(mean) > half else text)
+    name = label if base == 'ssd' else f'{label} - {base}'
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return lines
 
 
 def write_report(args, records: list[dict]) -> None:
