@@ -228,8 +228,8 @@ def report_dataset(dataset: str, records: list[dict]) -> list[str]:
     lines += ['', 'Paired difference to SSD300 (same seed), mean with its 95% interval, in '
               'points; **bold**: the interval excludes 0 (beyond the seed-to-seed noise):', '']
     lines += _paired_table(by, seeds, [(label, 'ssd') for label in labels if label != 'ssd'])
-  switched = [(label, label.partition('[')[0]) for label in labels
-              if '[' in label and label.partition('[')[0] in labels]
+  switched = list(dict.fromkeys((r['label'], r['model']) for r in records
+                                if r['variant'] and r['model'] in labels))
   if switched:
     lines += ['', "Each switch against its own full detector (same seed): what the switched-off "
               "part contributes with the sign flipped; **bold** beyond the seed-to-seed noise:", '']
@@ -244,9 +244,9 @@ def _paired_table(by: dict, seeds: list[int], pairs: list[tuple[str, str]]) -> l
   for label, base in pairs:
     cells = []
     for key in METRICS:
-      diffs = [_value(by[(label, s)], key) - _value(by[(base, s)], key) for s in seeds
-               if (label, s) in by and (base, s) in by
-               and _value(by[(label, s)], key) is not None and _value(by[(base, s)], key) is not None]
+      values = [(_value(by[(label, s)], key), _value(by[(base, s)], key)) for s in seeds
+                if (label, s) in by and (base, s) in by]
+      diffs = [a - b for a, b in values if a is not None and b is not None]
       interval = paired_interval(diffs)
       if interval is None:
         cells.append(f'{100 * diffs[0]:+.1f} (1 seed)' if diffs else '-')

@@ -24,6 +24,7 @@ from smallssd_jax import checkpoints as ckpt_lib
 from smallssd_jax import errors
 from smallssd_jax import runner
 from smallssd_jax import train
+from smallssd_jax import config_blocks
 from smallssd_jax.config_blocks import load_config
 from smallssd_jax.datasets import pipeline
 from smallssd_jax import sharding
@@ -59,9 +60,9 @@ def tiny_config():
   cfg.model.backbone_batch_norm = False
   cfg.model.head_init = 'xavier'
   cfg.model.dfssd.update(deconv_kernel=4, deconv_padding=1, source_norm='none', context_init=1.0)
-  # The papers' Caffe augmentation, so a run goes through every train-time path
-  # (and the NaN tests can poison the photometric draw the step applies).
-  cfg.data.augment = ['photometric', 'zoom_out', 'min_iou_crop', 'flip']
+  # The library's default (the papers' Caffe augmentation), so a run goes through every
+  # train-time path (and the NaN tests can poison the photometric draw the step applies).
+  cfg.data.augment = list(config_blocks.data().augment)
   cfg.num_train_steps = STEPS
   cfg.log_every_steps = 1
   cfg.checkpoint_every_steps = 2
