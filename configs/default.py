@@ -30,6 +30,11 @@ def get_config(arg=None):
   config.model.width = arg.width
   config.model.backbone_batch_norm = True
   config.model.head_init = 'small'
+  if arg.model == 'skipfpn':
+    # The two-step head's step-two classification, weighted 8: from scratch, its class
+    # head reads the freshly initialised pyramid and held 1% of the gradient, at chance
+    # after 200 steps with weight 1 (measured in docs/results.md; docs/design.md §9).
+    config.loss.odm_cls_weight = 8.0
   config.post = blocks.postprocess()
   # Data: the built-in small-object dataset at the model's input size: 4-32 shapes of
   # 6-64 px per image (docs/design.md §6). Horizontal flips only: a run sees at most

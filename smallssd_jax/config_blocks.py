@@ -164,6 +164,9 @@ def skipfpn_model(input_size: int = 320, num_classes: int = 21) -> ConfigDict:
   loss = multibox_loss()
   loss.arm_filter_threshold = 0.99
   loss.negative_anchor_filter = True
+  # Weight of step two's (ODM's) classification loss; 1 in RefineDet. The built-in
+  # recipe raises it (configs/default.py, docs/design.md §9).
+  loss.odm_cls_weight = 1.0
   return ConfigDict(dict(model=model, anchors=anchors, loss=loss))
 
 

@@ -247,6 +247,7 @@ RULES: dict[str, Rule] = {
     'loss.loc_weight': Rule(number(0)),
     'loss.arm_filter_threshold': Rule(number(0, 1), lambda c: c.model.head == 'two_step'),
     'loss.negative_anchor_filter': Rule(boolean, lambda c: c.model.head == 'two_step'),
+    'loss.odm_cls_weight': Rule(number(0), lambda c: c.model.head == 'two_step'),
     'post.score_threshold': Rule(number(0, 1)),
     'post.nms_iou': Rule(number(0, 1, lo_open=True)),
     'post.pre_nms_top_k': Rule(integer(1)),

@@ -16,7 +16,7 @@ Inputs shared by both losses:
   `mask bool [B, M]`, `ignore bool [B, M]` (optional).
 * `loss_cfg`: `config.loss` (config_blocks.ssd_loss): `iou_threshold`,
   `neg_pos_ratio`, `variances`, `loc_weight`; two-step adds
-  `arm_filter_threshold` and `negative_anchor_filter`.
+  `arm_filter_threshold`, `negative_anchor_filter` and `odm_cls_weight`.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def two_step_loss(outputs: Mapping[str, jax.Array], anchors: jax.Array,
   normalised by its positives. Step two (ODM): the same MultiBox loss on
   `cls_logits` / `box_deltas`, with ground truth matched afresh against the
   refined anchors (step one's decoded boxes, no gradient), normalised by its
-  own positives. Negative anchor filtering (`negative_anchor_filter`): an
+  own positives, its class part times `odm_cls_weight`. Negative anchor filtering (`negative_anchor_filter`): an
   anchor that is negative for step two and whose step-one background
   probability exceeds `arm_filter_threshold` cannot be mined as a negative;
   positives are never filtered.
@@ -206,7 +206,8 @@ def two_step_loss(outputs: Mapping[str, jax.Array], anchors: jax.Array,
       outputs['cls_logits'], outputs['box_deltas'], refined, odm_match, odm_match.labels,
       ratio, variances, negative_eligible=eligible)
   odm_norm = jnp.maximum(odm_pos, 1).astype(jnp.float32)
-  odm_cls, odm_box = odm_cls / odm_norm, loc_weight * odm_box / odm_norm
+  odm_cls = loss_cfg['odm_cls_weight'] * odm_cls / odm_norm
+  odm_box = loc_weight * odm_box / odm_norm
 
   arm_loss = arm_cls + arm_box
   odm_loss = odm_cls + odm_box

@@ -24,6 +24,7 @@ def _loss_cfg(**kw):
   cfg = config_blocks.multibox_loss()
   cfg.arm_filter_threshold = 0.99
   cfg.negative_anchor_filter = True
+  cfg.odm_cls_weight = 1.0
   cfg.update(kw)
   return cfg
 
@@ -227,13 +228,14 @@ def _arm_bg(arm_logits):
   return e[..., 0] / e.sum(-1)
 
 
-@pytest.mark.parametrize('use_filter', [True, False])
-def test_two_step_loss_matches_references(use_filter):
+@pytest.mark.parametrize('use_filter,odm_cls_weight', [(True, 1.0), (False, 1.0), (True, 4.0)])
+def test_two_step_loss_matches_references(use_filter, odm_cls_weight):
   rng = np.random.default_rng(9)
   batch, out = _batch(rng), _outputs(rng, two_step=True)
   # A third of the anchors look certainly background to step one.
   out['arm_logits'][rng.uniform(size=(B, A)) < 0.33] = [6.0, -1.0]
-  loss, metrics = _jit('two_step_loss', negative_anchor_filter=use_filter)(out, batch)
+  loss, metrics = _jit('two_step_loss', negative_anchor_filter=use_filter,
+                       odm_cls_weight=odm_cls_weight)(out, batch)
 
   # Step one: MultiBox on the ARM outputs against the anchors, every object class 1.
   m = _match_batch(ANCHORS, batch['boxes'], batch['labels'], batch['mask'], batch['ignore'],
@@ -252,7 +254,8 @@ def test_two_step_loss_matches_references(use_filter):
   cls_sum, box_sum, npos = ref_multibox(out['cls_logits'], out['box_deltas'], refined, m, m.labels,
                                         eligible=eligible)
   assert npos > 0
-  np.testing.assert_allclose(float(metrics['odm_cls_loss']), cls_sum / npos, rtol=1e-4)
+  np.testing.assert_allclose(float(metrics['odm_cls_loss']), odm_cls_weight * cls_sum / npos,
+                             rtol=1e-4)
   np.testing.assert_allclose(float(metrics['odm_box_loss']), box_sum / npos, rtol=1e-3, atol=1e-5)
   assert float(metrics['odm_num_pos']) == npos
   np.testing.assert_allclose(float(loss), float(metrics['arm_loss']) + float(metrics['odm_loss']),
