@@ -21,6 +21,7 @@ from smallssd_jax import errors
 from smallssd_jax import export as export_lib
 from smallssd_jax import predictor as predictor_lib
 from smallssd_jax import runner
+from smallssd_jax import task as task_lib
 from smallssd_jax import video
 from smallssd_jax.config_blocks import load_config
 from smallssd_jax.datasets import pipeline
@@ -205,11 +206,9 @@ def test_load_stablehlo_names_a_file_that_is_not_an_export(tmp_path):
 # ------------------------------------------------------------------- ONNX ---
 
 
-def test_onnx_in_onnxruntime_equals_the_predictor(trained, predictor, tmp_path):
+def assert_onnx_equals_the_predictor(predictor, images, path):
   pytest.importorskip('jax2onnx', reason="ONNX export needs the extra: pip install -e '.[export]'")
   ort = pytest.importorskip('onnxruntime', reason="pip install -e '.[export]'")
-  _, images = trained
-  path = str(tmp_path / 'model.onnx')
   export_lib.export_onnx(predictor, path, batch=2)
   prepared = np.stack([predictor.preprocess(a) for a in images[:2]])
   session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
@@ -226,6 +225,33 @@ def test_onnx_in_onnxruntime_equals_the_predictor(trained, predictor, tmp_path):
     assert_same_detections((boxes[i, :n] * size, scores[i, :n], classes[i, :n]),
                            (raw['boxes'][i, :n] * size, raw['scores'][i, :n], raw['labels'][i, :n]),
                            box_px=1e-2, score=1e-5)
+
+
+def test_onnx_in_onnxruntime_equals_the_predictor(trained, predictor, tmp_path):
+  assert_onnx_equals_the_predictor(predictor, trained[1], str(tmp_path / 'model.onnx'))
+
+
+def test_a_two_step_model_exports_like_its_predictor(trained, tmp_path):
+  """SkipFPN-GRF320 (skip pyramid, GRF modules, two-step head): the refined priors and
+  the ARM's background filter are inside both exported graphs."""
+  cfg = load_config(CONFIG.replace(':runlocal', ':model=skipfpn,runlocal'))
+  cfg.model.head_init = 'xavier'     # spread-out scores at initialisation: no near-ties
+  task = task_lib.build_task(cfg)
+  variables = task_lib.init_variables(task, cfg, task_lib.init_rng(0))
+  predictor = predictor_lib.Predictor.from_config(cfg, variables, class_names=())
+  assert predictor.input_size == 320
+  path = str(tmp_path / 'model.jax')
+  export_lib.export_stablehlo(predictor, path)
+  exported, _ = export_lib.load_stablehlo(path)
+  prepared = np.stack([predictor.preprocess(a) for a in trained[1][:2]])
+  boxes, scores, classes, counts = exported.call(prepared)
+  raw = predictor.raw(prepared)
+  np.testing.assert_array_equal(counts, raw['valid'].sum(1))
+  assert np.asarray(counts).min() > 0
+  np.testing.assert_allclose(boxes, raw['boxes'], atol=1e-5)
+  np.testing.assert_allclose(scores, raw['scores'], atol=1e-5)
+  np.testing.assert_array_equal(classes, np.where(raw['valid'], raw['labels'], 0))
+  assert_onnx_equals_the_predictor(predictor, trained[1], str(tmp_path / 'model.onnx'))
 
 
 def test_a_missing_extra_names_the_pip_line(trained, monkeypatch, tmp_path):
