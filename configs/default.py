@@ -2,14 +2,15 @@
 
 No download, CPU-friendly. The README's first command:
 
-  python -m smallssd_jax.main --config=configs/default.py --workdir=runs/default
+  python -m smallssd_jax.main --config=configs/default.py:skipfpn --workdir=runs/default
 
-trains a reduced-width SSD300 on `builtin_small`, evaluates it (VOC07 mAP
-plus AP by object size) and draws its detections on test images. The other
-two detectors on the same data, same width and schedule:
+trains a reduced-width SkipFPN-GRF320 on `builtin_small` (the detector the
+comparison in docs/results.md finds best on small objects at this budget),
+evaluates it (VOC07 mAP plus AP by object size) and draws its detections on
+test images. The other two detectors on the same data, same width and schedule:
 
+  python -m smallssd_jax.main --config=configs/default.py --workdir=runs/default_ssd
   python -m smallssd_jax.main --config=configs/default.py:dfssd --workdir=runs/default_dfssd
-  python -m smallssd_jax.main --config=configs/default.py:skipfpn --workdir=runs/default_skipfpn
 
 Arguments (comma separated): the model (`ssd` | `dfssd` | `skipfpn`),
 `runlocal` (a few steps, for tests), `width=`, `steps=`, `seed=`.
