@@ -170,10 +170,11 @@ def two_step_loss(outputs: Mapping[str, jax.Array], anchors: jax.Array,
   normalised by its positives. Step two (ODM): the same MultiBox loss on
   `cls_logits` / `box_deltas`, with ground truth matched afresh against the
   refined anchors (step one's decoded boxes, no gradient), normalised by its
-  own positives, its class part times `odm_cls_weight`. Negative anchor filtering (`negative_anchor_filter`): an
-  anchor that is negative for step two and whose step-one background
-  probability exceeds `arm_filter_threshold` cannot be mined as a negative;
-  positives are never filtered.
+  own positives, its class part times `odm_cls_weight`. Negative anchor
+  filtering (`negative_anchor_filter`): an anchor that is negative for step
+  two and whose step-one background probability exceeds
+  `arm_filter_threshold` cannot be mined as a negative; positives are never
+  filtered.
 
   Returns:
     (loss, metrics): `loss` = ARM + ODM; `cls_loss`, `box_loss` (sums of both
