@@ -28,7 +28,8 @@ from smallssd_jax.datasets import pipeline
 
 pytestmark = pytest.mark.slow
 
-CONFIG = str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py') + ':runlocal'
+DEFAULT = str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py')
+CONFIG = DEFAULT + ':runlocal'
 
 
 def run_config():
@@ -234,7 +235,7 @@ def test_onnx_in_onnxruntime_equals_the_predictor(trained, predictor, tmp_path):
 def test_a_two_step_model_exports_like_its_predictor(trained, tmp_path):
   """SkipFPN-GRF320 (skip pyramid, GRF modules, two-step head): the refined priors and
   the ARM's background filter are inside both exported graphs."""
-  cfg = load_config(CONFIG.replace(':runlocal', ':model=skipfpn,runlocal'))
+  cfg = load_config(DEFAULT + ':model=skipfpn,runlocal')
   cfg.model.head_init = 'xavier'     # spread-out scores at initialisation: no near-ties
   task = task_lib.build_task(cfg)
   variables = task_lib.init_variables(task, cfg, task_lib.init_rng(0))
