@@ -29,6 +29,7 @@ Prints a report; `--json=PATH` also writes every number.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -80,12 +81,15 @@ def _rms(x: Array) -> float:
 
 def source_sensitivity(module, variables, features: Mapping[str, Array]) -> dict[str, list[float]]:
   """`{source: [rms change of level l / rms of level l, ...]}` when `source` is swapped."""
-  _, maps = from_features(module, variables, features)
+  # One compiled forward for the original and every swapped set (op by op, each of
+  # these passes costs about as much as compiling it once).
+  forward = jax.jit(functools.partial(from_features, module))
+  _, maps = forward(variables, features)
   out = {}
   for name in features:
     swapped = dict(features)
     swapped[name] = jnp.roll(features[name], 1, axis=0)
-    _, maps_swapped = from_features(module, variables, swapped)
+    _, maps_swapped = forward(variables, swapped)
     out[name] = [_rms(b - a) / max(_rms(a), 1e-12) for a, b in zip(maps, maps_swapped)]
   return out
 
@@ -95,11 +99,11 @@ def feature_gradients(module, variables, features: Mapping[str, Array], anchors:
   """Norm of d(loss)/d(backbone map), for every map the neck or head reads."""
   objective = losses.two_step_loss if two_step else losses.multibox_loss
 
-  def loss_of(f):
-    outputs, _ = from_features(module, variables, f)
-    return objective(outputs, jnp.asarray(anchors), batch, loss_cfg)[0]
+  def loss_of(f, v, b):
+    outputs, _ = from_features(module, v, f)
+    return objective(outputs, jnp.asarray(anchors), b, loss_cfg)[0]
 
-  grads = jax.grad(loss_of)(dict(features))
+  grads = jax.jit(jax.grad(loss_of))(dict(features), variables, dict(batch))
   return {k: float(jnp.linalg.norm(g.astype(jnp.float32))) for k, g in grads.items()}
 
 
@@ -194,15 +198,15 @@ def diagnose(config, workdir: str = '', num_batches: int = 1) -> dict[str, Any]:
     variables['batch_stats'] = state.batch_stats
   module, anchors = detector.module, detector.anchors
   iterator = pipeline.make_train_iterator(config, 0, 1, 0)
+  parameter_grads = jax.jit(jax.grad(
+      lambda p, stats, b: train.loss_fn(detector, config.loss, p, stats, b)[0]))
   runs = []
   for _ in range(num_batches):
     batch = {k: jnp.asarray(v) for k, v in next(iterator).items()}
     images = pixels_lib.model_input(batch, detector.inputs, train=True)
     features = backbone_features(module, variables, images)
     outputs, _ = from_features(module, variables, features)
-    (_, _), grads = jax.value_and_grad(
-        lambda p: train.loss_fn(detector, config.loss, p, state.batch_stats, batch), has_aux=True
-    )(state.params)
+    grads = parameter_grads(state.params, state.batch_stats, batch)
     runs.append({
         'sensitivity': source_sensitivity(module, variables, features),
         'feature_gradients': feature_gradients(module, variables, features, anchors, batch,
