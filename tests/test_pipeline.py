@@ -1,5 +1,6 @@
 """grain pipelines: batch contract, determinism, resume, sharding, bad input, audit CLI."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -233,11 +234,14 @@ def test_audit_command_line(tmp_path):
   cmd = [sys.executable, '-m', 'smallssd_jax.datasets', f'--config={config_file}',
          f'--config.data.root={root}']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  ok = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+  # In tmp_path: `--check` draws its coverage figure into the working directory.
+  run = functools.partial(subprocess.run, capture_output=True, text=True, env=env, timeout=120,
+                          cwd=tmp_path)
+  ok = run(cmd)
   assert ok.returncode == 0, ok.stderr
   assert 'images read: 6 of 6' in ok.stdout and 'objects per class' in ok.stdout
   assert 'small' in ok.stdout and 'ignored' in ok.stdout
-  check = subprocess.run(cmd + ['--check'], capture_output=True, text=True, env=env, timeout=120)
+  check = run(cmd + ['--check'])
   assert check.returncode == 1
   assert 'bad examples (1)' in check.stdout and '000003.jpg' in check.stdout
 
