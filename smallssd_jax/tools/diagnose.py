@@ -79,11 +79,13 @@ def _rms(x: Array) -> float:
   return float(jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))))
 
 
-def source_sensitivity(module, variables, features: Mapping[str, Array]) -> dict[str, list[float]]:
-  """`{source: [rms change of level l / rms of level l, ...]}` when `source` is swapped."""
-  # One compiled forward for the original and every swapped set (op by op, each of
-  # these passes costs about as much as compiling it once).
-  forward = jax.jit(functools.partial(from_features, module))
+def source_sensitivity(forward, variables, features: Mapping[str, Array]) -> dict[str, list[float]]:
+  """`{source: [rms change of level l / rms of level l, ...]}` when `source` is swapped.
+
+  `forward(variables, features)`: `from_features` of the model, compiled once by the
+  caller for the original and every swapped set (op by op, each pass would cost
+  about as much as compiling it).
+  """
   _, maps = forward(variables, features)
   out = {}
   for name in features:
@@ -94,17 +96,20 @@ def source_sensitivity(module, variables, features: Mapping[str, Array]) -> dict
   return out
 
 
-def feature_gradients(module, variables, features: Mapping[str, Array], anchors: np.ndarray,
-                      batch: Mapping[str, Array], loss_cfg, two_step: bool) -> dict[str, float]:
-  """Norm of d(loss)/d(backbone map), for every map the neck or head reads."""
+def feature_gradient_fn(forward, anchors: np.ndarray, loss_cfg, two_step: bool):
+  """Compiled `(features, variables, batch) -> {map: norm of d(loss)/d(map)}`, for every
+  backbone map the neck or head reads."""
   objective = losses.two_step_loss if two_step else losses.multibox_loss
+  anchors = jnp.asarray(anchors)
 
-  def loss_of(f, v, b):
-    outputs, _ = from_features(module, v, f)
-    return objective(outputs, jnp.asarray(anchors), b, loss_cfg)[0]
+  def loss_of(features, variables, batch):
+    return objective(forward(variables, features)[0], anchors, batch, loss_cfg)[0]
 
-  grads = jax.jit(jax.grad(loss_of))(dict(features), variables, dict(batch))
-  return {k: float(jnp.linalg.norm(g.astype(jnp.float32))) for k, g in grads.items()}
+  def norms(features, variables, batch):
+    grads = jax.grad(loss_of)(dict(features), variables, dict(batch))
+    return {k: jnp.linalg.norm(g.astype(jnp.float32)) for k, g in grads.items()}
+
+  return jax.jit(norms)
 
 
 def parameter_gradient_groups(grads: Any, depth: int = 2) -> dict[str, float]:
@@ -198,6 +203,9 @@ def diagnose(config, workdir: str = '', num_batches: int = 1) -> dict[str, Any]:
     variables['batch_stats'] = state.batch_stats
   module, anchors = detector.module, detector.anchors
   iterator = pipeline.make_train_iterator(config, 0, 1, 0)
+  # Compiled once for every batch.
+  forward = jax.jit(functools.partial(from_features, module))
+  feature_gradients = feature_gradient_fn(forward, anchors, config.loss, detector.two_step)
   parameter_grads = jax.jit(jax.grad(
       lambda p, stats, b: train.loss_fn(detector, config.loss, p, stats, b)[0]))
   runs = []
@@ -205,12 +213,12 @@ def diagnose(config, workdir: str = '', num_batches: int = 1) -> dict[str, Any]:
     batch = {k: jnp.asarray(v) for k, v in next(iterator).items()}
     images = pixels_lib.model_input(batch, detector.inputs, train=True)
     features = backbone_features(module, variables, images)
-    outputs, _ = from_features(module, variables, features)
+    outputs, _ = forward(variables, features)
     grads = parameter_grads(state.params, state.batch_stats, batch)
     runs.append({
-        'sensitivity': source_sensitivity(module, variables, features),
-        'feature_gradients': feature_gradients(module, variables, features, anchors, batch,
-                                               config.loss, detector.two_step),
+        'sensitivity': source_sensitivity(forward, variables, features),
+        'feature_gradients': {k: float(v) for k, v in
+                              feature_gradients(features, variables, batch).items()},
         'parameter_gradients': parameter_gradient_groups(grads),
         'levels': level_losses(outputs, anchors, batch, config.loss, config.anchors,
                                detector.two_step),
